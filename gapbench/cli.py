@@ -1,0 +1,175 @@
+"""The ``gapbench`` command line: parsing and wiring only.
+
+Bad input (a :class:`~gapbench.errors.GapbenchError`, or a usage error) is
+shown as one line on stderr and exits with status 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import click
+
+from gapbench import __version__
+from gapbench.errors import GapbenchError
+
+_DEBUG = {"on": False}
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override a recipe key, e.g. --set train.num_epochs=5 (repeatable).",
+)
+device_option = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Where to compute (default: the recipe's device, 'auto' = cuda when available).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="gapbench")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def cli(debug: bool, verbose: bool) -> None:
+    """Train VAEs and split their inference gap log p(x) - ELBO into the
+    approximation gap (the family is too simple) and the amortization gap
+    (the encoder misses the family's best member).
+
+    \b
+    Quick start:
+      gapbench run recipes/quickstart.yaml
+    """
+    _DEBUG["on"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Look here first (also $GAPBENCH_DATA).")
+@click.option("--download", "download_names", multiple=True, metavar="NAME", help="Download NAME into the cache first.")
+def datasets(data_dir: Optional[str], download_names: Sequence[str]) -> None:
+    """List the datasets, where each was found, and how to get the missing ones."""
+    from gapbench import data
+
+    for name in download_names:
+        path = data.download_dataset(name, root=data_dir)
+        click.echo(f"downloaded {name} to {path}")
+    rows = data.available_datasets(data_dir=data_dir)
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        if r.available:
+            click.echo(f"{r.name:<{width}}  available  {r.location}")
+        else:
+            click.echo(f"{r.name:<{width}}  missing    {r.how_to_get}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe name>).")
+@device_option
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+def train(recipe: str, overrides, out: Optional[str], device: Optional[str], resume: bool) -> None:
+    """Train the VAE a RECIPE describes; writes checkpoint.pt, train_log.csv, recipe.yaml, meta.json."""
+    from gapbench.recipe import load_recipe
+    from gapbench.train import train_run
+
+    r = load_recipe(recipe, overrides)
+    run_dir = Path(out) if out else Path("runs") / r.name
+    result = train_run(r, run_dir, device=device, resume=resume, progress=True)
+    click.echo(result.summary_line())
+
+
+@cli.command("evaluate-gaps")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default=None, help="Which split (recipe default: test).")
+@click.option("--num-points", type=click.IntRange(min=1), default=None, help="How many datapoints (recipe default: 1000).")
+@click.option("--families", default=None, metavar="F1,F2", help="Local families to fit, e.g. ffg,flow.")
+@set_option
+@device_option
+@click.option("--resume", is_flag=True, help="Keep finished batches of an interrupted evaluation.")
+def evaluate_gaps(run_dir: str, split, num_points, families, overrides, device, resume: bool) -> None:
+    """Estimate L[q], L[q*], IWAE and AIS per datapoint of a trained RUN_DIR; writes gaps/<split>.csv/json."""
+    from gapbench.evaluate import evaluate_run
+
+    extra = list(overrides)
+    if split is not None:
+        extra.append(f"evaluate.split={split}")
+    if num_points is not None:
+        extra.append(f"evaluate.num_points={num_points}")
+    if families is not None:
+        extra.append(f"evaluate.families=[{families}]")
+    summary = evaluate_run(Path(run_dir), overrides=extra, device=device, resume=resume, progress=True)
+    click.echo(summary.summary_line())
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (default: RUN_DIR/report for one run).")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test", help="Which split's gaps to tabulate.")
+def report(run_dirs, out: Optional[str], split: str) -> None:
+    """Tables (md, tex, csv) and figures (png, pdf) of the gaps of one or more runs."""
+    from gapbench.report import make_report
+
+    out_dir = Path(out) if out else (Path(run_dirs[0]) / "report" if len(run_dirs) == 1 else None)
+    if out_dir is None:
+        raise click.UsageError("with several runs, say where the report goes: --out DIR")
+    written = make_report([Path(d) for d in run_dirs], out_dir, split=split)
+    click.echo(f"report written to {out_dir} ({len(written)} files)")
+    table = out_dir / "table.md"
+    if table.exists():
+        click.echo(table.read_text())
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe name>).")
+@device_option
+def run(recipe: str, overrides, out: Optional[str], device: Optional[str]) -> None:
+    """train -> evaluate-gaps -> report in one command, skipping finished stages."""
+    from gapbench.pipeline import run_pipeline
+
+    table = run_pipeline(recipe, overrides=list(overrides), out=out, device=device, progress=True)
+    click.echo(table)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="gapbench", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see '{ctx.command_path} --help')"
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except GapbenchError as exc:
+        if debug or _DEBUG["on"]:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,352 @@
+"""Recipes: one experiment as YAML, validated into frozen dataclasses.
+
+A recipe names the data, the model, how to train it and how to measure its
+gaps. Every key has a default, so the resolved recipe written next to a run
+shows every setting that produced it. Unknown keys and wrong types are errors
+naming the key (and the closest valid one); nothing is silently ignored.
+
+    recipe = load_recipe("recipes/quickstart.yaml", overrides=["train.num_epochs=5"])
+
+``base: other.yaml`` (relative to the recipe's folder) extends another recipe:
+the base is loaded first and this file's keys are merged over it, section by
+section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Tuple
+
+import yaml
+
+from gapbench.errors import GapbenchError
+
+
+class RecipeError(GapbenchError):
+    """A recipe that cannot be used: bad YAML, unknown key, wrong type or value."""
+
+
+def _range(lo=None, hi=None, lo_open=False):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Which dataset (see `gapbench datasets`) and how to turn it into model input.
+    dataset: Literal["digits", "mnist", "fashion-mnist", "cifar10", "omniglot"] = "digits"
+    data_dir: Optional[str] = None
+    download: bool = False
+    binarize: Literal["none", "threshold", "static", "dynamic"] = "threshold"
+    split_seed: int = 0
+    num_valid: Optional[int] = field(default=None, metadata=_range(lo=1))
+    quantize_bits: Optional[int] = field(default=None, metadata=_range(lo=1, hi=8))
+    num_train: Optional[int] = field(default=None, metadata=_range(lo=1))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: Literal["mlp", "conv"] = "mlp"
+    latent_dim: int = field(default=50, metadata=_range(lo=1))
+    encoder_hidden: Tuple[int, ...] = (200, 200)
+    decoder_hidden: Tuple[int, ...] = (200, 200)
+    activation: Literal["elu", "relu", "tanh", "softplus"] = "elu"
+    likelihood: Literal["bernoulli", "logistic", "categorical", "gaussian"] = "bernoulli"
+    gaussian_std: Optional[float] = field(default=None, metadata=_range(lo=0, lo_open=True))
+    encoder: Literal["ffg", "flow", "realnvp"] = "ffg"
+    num_flow_steps: int = field(default=2, metadata=_range(lo=1))
+    flow_hidden: int = field(default=100, metadata=_range(lo=1))
+    conv_channels: Tuple[int, ...] = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: Literal["elbo", "iwae"] = "elbo"
+    num_samples: int = field(default=1, metadata=_range(lo=1))
+    batch_size: int = field(default=100, metadata=_range(lo=1))
+    num_epochs: int = field(default=3280, metadata=_range(lo=1))
+    lr_schedule: Literal["iwae", "constant"] = "iwae"
+    lr: float = field(default=1e-3, metadata=_range(lo=0, lo_open=True))
+    adam_eps: float = field(default=1e-4, metadata=_range(lo=0, lo_open=True))
+    warmup_epochs: int = field(default=400, metadata=_range(lo=0))
+    early_stopping_patience: Optional[int] = field(default=None, metadata=_range(lo=1))
+    eval_every: int = field(default=1, metadata=_range(lo=1))
+    max_grad_norm: Optional[float] = field(default=None, metadata=_range(lo=0, lo_open=True))
+    checkpoint_every: int = field(default=1, metadata=_range(lo=1))
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    lr: float = field(default=1e-3, metadata=_range(lo=0, lo_open=True))
+    num_samples: int = field(default=50, metadata=_range(lo=1))
+    check_every: int = field(default=100, metadata=_range(lo=1))
+    patience: int = field(default=10, metadata=_range(lo=1))
+    max_steps: int = field(default=20000, metadata=_range(lo=1))
+    num_final_samples: int = field(default=1000, metadata=_range(lo=1))
+
+
+@dataclass(frozen=True)
+class AISConfig:
+    enabled: bool = True
+    num_steps: int = field(default=1000, metadata=_range(lo=1))
+    num_chains: int = field(default=16, metadata=_range(lo=1))
+    num_leapfrog: int = field(default=10, metadata=_range(lo=1))
+    schedule: Literal["sigmoid", "linear"] = "sigmoid"
+    init: Literal["prior", "encoder"] = "prior"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    split: Literal["train", "valid", "test"] = "test"
+    num_points: int = field(default=1000, metadata=_range(lo=1))
+    batch_size: int = field(default=100, metadata=_range(lo=1))
+    families: Tuple[Literal["ffg", "flow", "realnvp"], ...] = ("ffg", "flow")
+    elbo_samples: int = field(default=5000, metadata=_range(lo=1))
+    iwae_samples: int = field(default=5000, metadata=_range(lo=1))
+    local: LocalConfig = LocalConfig()
+    ais: AISConfig = AISConfig()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "experiment"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _to_plain(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return _type_name(inner[0]) + " or null"
+    if origin is tuple:
+        return "a list of " + _type_name(args[0])
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _convert(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise bad
+        return _build(tp, value, key + ".")
+    if origin is typing.Union:
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}{_suggest(value, map(str, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise bad
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                return int(value)  # 1e4 in YAML
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported recipe type {tp}")  # a bug in the schema, not user input
+
+
+def _check_range(value, meta, key: str):
+    if value is None or not meta:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
+            word = "greater than" if meta.get("lo_open") else "at least"
+            raise RecipeError(f"{key}: must be {word} {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise RecipeError(f"{key}: must be at most {hi}, got {v}")
+
+
+def _build(cls, mapping: Mapping, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in mapping.items():
+        if key not in fields:
+            where = prefix.rstrip(".") or "the recipe's top level"
+            raise RecipeError(
+                f"unknown key {prefix}{key!s} in {where}{_suggest(key, fields)}; valid keys: {', '.join(fields)}"
+            )
+        kwargs[key] = _convert(value, hints[key], prefix + str(key))
+        _check_range(kwargs[key], fields[key].metadata, prefix + str(key))
+    return cls(**kwargs)
+
+
+def _check_consistency(recipe: Recipe) -> None:
+    m, d = recipe.model, recipe.data
+    if m.likelihood in ("categorical", "logistic") and d.quantize_bits is None:
+        raise RecipeError(
+            f"model.likelihood: {m.likelihood!r} needs quantized data; set data.quantize_bits (e.g. 3) "
+            "or use likelihood 'bernoulli'"
+        )
+    if m.likelihood == "bernoulli" and d.binarize == "none" and d.quantize_bits is not None:
+        raise RecipeError("model.likelihood: 'bernoulli' needs binary data; set data.binarize or another likelihood")
+    if m.architecture == "conv" and d.dataset != "cifar10":
+        raise RecipeError(
+            f"model.architecture: 'conv' is built for 32x32x3 images (cifar10), not {d.dataset!r}; use 'mlp'"
+        )
+    if recipe.evaluate.ais.init == "encoder" and m.encoder == "flow":
+        raise RecipeError(
+            "evaluate.ais.init: 'encoder' needs an exact log q, which the auxiliary 'flow' encoder does not have; "
+            "use 'prior'"
+        )
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} does not exist; see recipes/ for examples") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.__class__.__name__}; pass a YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_tree(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path.name}: 'base' chain loops back to itself")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise RecipeError(f"{path.name}: base: expected a file name, got {base!r}")
+    base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
+    return _merge(_load_tree(base_path, seen + (path,)), data)
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as YAML)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected section.key=value, e.g. --set train.num_epochs=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {text!r}: expected section.key=value, e.g. --set train.num_epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+    tree = _merge({}, tree)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def recipe_from_dict(tree: Mapping[str, Any]) -> Recipe:
+    """Validate a plain mapping (as read from YAML) into a :class:`Recipe`."""
+    recipe = _build(Recipe, tree)
+    _check_consistency(recipe)
+    return recipe
+
+
+def load_recipe(path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, extend (``base:``), override (``--set``) and validate a recipe file.
+
+    The recipe's ``name`` defaults to the file's stem.
+    """
+    path = Path(path)
+    tree = _load_tree(path)
+    tree.setdefault("name", path.stem)
+    tree = apply_overrides(tree, overrides)
+    try:
+        return recipe_from_dict(tree)
+    except RecipeError as exc:
+        raise RecipeError(f"{path.name}: {exc}") from None
