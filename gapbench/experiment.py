@@ -1,0 +1,166 @@
+"""What every stage needs from a recipe or a run folder: the device, the data, the model.
+
+A *run folder* is what ``gapbench train`` writes: ``recipe.yaml`` (resolved),
+``checkpoint.pt`` (tensors only), ``meta.json`` and ``train_log.csv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from gapbench.errors import GapbenchError
+from gapbench.recipe import Recipe, RecipeError, load_recipe
+
+RECIPE_FILE = "recipe.yaml"
+CHECKPOINT_FILE = "checkpoint.pt"
+META_FILE = "meta.json"
+TRAIN_LOG_FILE = "train_log.csv"
+
+# Seeds of the fixed binarization draws of each split (dynamic and static modes).
+_SPLIT_SEED_OFFSET = {"train": 101, "valid": 202, "test": 303}
+
+
+def resolve_device(requested: Optional[str]) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' where there is none is an error."""
+    requested = requested or "auto"
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise GapbenchError("--device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
+    return torch.device(requested)
+
+
+@dataclass
+class Inputs:
+    """Model-ready splits [N, C, H, W] in [0, 1], and how training batches are drawn."""
+
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    image_shape: Tuple[int, ...]
+    num_levels: Optional[int]
+    dynamic: bool  # True: each training batch is binarized afresh (see ``training_batch``)
+    source: str
+    description: str
+
+    def split(self, name: str) -> torch.Tensor:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+
+def load_inputs(recipe: Recipe) -> Inputs:
+    """The recipe's dataset, split and binarized as the recipe says.
+
+    threshold: x > 0.5. static: one Bernoulli draw per split with a fixed seed.
+    dynamic: training batches are drawn afresh every epoch (:func:`training_batch`);
+    the validation and test splits (and the training split when it is *evaluated*)
+    use one fixed-seed draw, the standard practice for reporting.
+    """
+    from gapbench import data
+
+    d = recipe.data
+    ds = data.load_dataset(
+        d.dataset,
+        data_dir=d.data_dir,
+        download=d.download,
+        split_seed=d.split_seed,
+        num_valid=d.num_valid,
+        quantize_bits=d.quantize_bits,
+    )
+    train = ds.train if d.num_train is None else ds.train[: d.num_train]
+    splits = {"train": train, "valid": ds.valid, "test": ds.test}
+    if d.binarize in ("threshold", "static", "dynamic"):
+        mode = "threshold" if d.binarize == "threshold" else "static"
+        for name, x in splits.items():
+            gen = torch.Generator().manual_seed(d.split_seed * 1000 + _SPLIT_SEED_OFFSET[name])
+            splits[name] = data.binarize(x, mode, generator=gen)
+        if d.binarize == "dynamic":
+            splits["train"] = train  # kept as grey levels; batches are drawn per epoch
+    return Inputs(
+        train=splits["train"],
+        valid=splits["valid"],
+        test=splits["test"],
+        image_shape=tuple(ds.image_shape),
+        num_levels=ds.num_levels,
+        dynamic=d.binarize == "dynamic",
+        source=str(ds.source),
+        description=ds.description,
+    )
+
+
+def evaluation_split(inputs: Inputs, recipe: Recipe, name: str) -> torch.Tensor:
+    """A split as the gap evaluation sees it: binarized once, with a fixed seed, if dynamic."""
+    x = inputs.split(name)
+    if inputs.dynamic and name == "train":
+        from gapbench import data
+
+        gen = torch.Generator().manual_seed(recipe.data.split_seed * 1000 + _SPLIT_SEED_OFFSET[name])
+        x = data.binarize(x, "static", generator=gen)
+    return x
+
+
+def training_batch(inputs: Inputs, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A training batch as the model sees it: a fresh Bernoulli draw when binarization is dynamic."""
+    if not inputs.dynamic:
+        return x
+    from gapbench import data
+
+    return data.binarize(x, "static", generator=generator)
+
+
+def build_model(recipe: Recipe, inputs: Inputs):
+    """The VAE the recipe's ``model`` section describes, for these inputs."""
+    from gapbench.models.vae import build_vae
+
+    kwargs = dataclasses.asdict(recipe.model)
+    try:
+        return build_vae(inputs.image_shape, num_levels=inputs.num_levels, **kwargs)
+    except ValueError as exc:
+        raise RecipeError(f"model: {exc}") from None
+
+
+@dataclass
+class Run:
+    """A trained run folder, loaded."""
+
+    path: Path
+    recipe: Recipe
+    checkpoint: dict
+
+
+def open_run(path, overrides=()) -> Run:
+    """Read a run folder's resolved recipe and checkpoint, with clear errors for anything else."""
+    from gapbench.io import load_torch
+
+    path = Path(path)
+    if not path.is_dir():
+        raise GapbenchError(f"{path} is not a folder; pass a run folder written by 'gapbench train'")
+    if not (path / RECIPE_FILE).is_file() or not (path / CHECKPOINT_FILE).is_file():
+        raise GapbenchError(
+            f"{path} is not a gapbench run (no {RECIPE_FILE} and {CHECKPOINT_FILE}); train one with 'gapbench train RECIPE --out {path}'"
+        )
+    recipe = load_recipe(path / RECIPE_FILE, overrides)
+    checkpoint = load_torch(path / CHECKPOINT_FILE)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise GapbenchError(f"{path / CHECKPOINT_FILE} is not a gapbench checkpoint (no model weights); retrain the run")
+    return Run(path=path, recipe=recipe, checkpoint=checkpoint)
+
+
+def load_trained_model(run: Run, inputs: Inputs, device: torch.device):
+    """The run's model with its best weights (early stopping) on ``device``, in eval mode."""
+    from gapbench.models.vae import load_state
+
+    model = build_model(run.recipe, inputs)
+    state = run.checkpoint.get("best_model") or run.checkpoint["model"]
+    try:
+        load_state(model, state)
+    except ValueError as exc:
+        raise GapbenchError(
+            f"{run.path / CHECKPOINT_FILE} does not fit the model of its recipe.yaml ({exc}); "
+            "was recipe.yaml edited or the checkpoint copied from another run?"
+        ) from None
+    return model.to(device).eval()

@@ -1,0 +1,293 @@
+"""gapbench train: fit a VAE by maximizing the ELBO (or IWAE bound), with checkpoints and exact resume.
+
+Every epoch ends with an atomic checkpoint holding the weights, the optimizer,
+the random-number state and the log so far, so ``--resume`` continues exactly
+where the last checkpoint left off: on CPU, an interrupted-and-resumed run ends
+with the same tensors as an uninterrupted one. The data order of epoch e comes
+from a generator seeded by (seed, e), so it does not depend on what ran before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from gapbench import __version__
+from gapbench.errors import GapbenchError
+from gapbench.experiment import (
+    CHECKPOINT_FILE,
+    META_FILE,
+    RECIPE_FILE,
+    TRAIN_LOG_FILE,
+    Inputs,
+    build_model,
+    load_inputs,
+    resolve_device,
+    training_batch,
+)
+from gapbench.io import git_commit, load_torch, output_dir, save_torch, write_json, write_text
+from gapbench.ops import logmeanexp
+from gapbench.recipe import Recipe, load_recipe
+from gapbench.schedules import kl_weight, learning_rate
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ["epoch", "lr", "kl_weight", "train_objective", "train_elbo", "valid_elbo", "seconds", "images_per_s"]
+
+
+class TrainingDiverged(GapbenchError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    num_epochs: int
+    best_epoch: int
+    best_valid_elbo: float
+    test_elbo: float
+    wall_seconds: float
+    stopped_early: bool
+
+    def summary_line(self) -> str:
+        early = " (early stop)" if self.stopped_early else ""
+        return (
+            f"trained {self.num_epochs} epochs{early} in {self.wall_seconds:.1f} s: "
+            f"best valid ELBO {self.best_valid_elbo:.2f} nats (epoch {self.best_epoch}), "
+            f"test ELBO {self.test_elbo:.2f} nats -> {self.run_dir}"
+        )
+
+
+def objective(model, x: torch.Tensor, kind: str, num_samples: int, beta: float = 1.0):
+    """Per-datapoint training objective and ELBO, both [N].
+
+    elbo: (1/S) Σ_s [log p(x|z_s) + β (log p(z_s) − log q(z_s|x))]  (β < 1 during KL warm-up)
+    iwae: log (1/S) Σ_s p(x, z_s) / q(z_s|x)                          (Burda et al. 2016)
+    """
+    q = model.posterior(x)
+    z, log_q = q.sample_and_log_prob(num_samples)  # (S, N, D), (S, N)
+    log_lik = model.log_likelihood(x, z)  # (S, N)
+    log_ratio = model.log_prior(z) - log_q  # (S, N)
+    elbo = (log_lik + log_ratio).mean(0)
+    if kind == "iwae":
+        return logmeanexp(log_lik + log_ratio, dim=0), elbo
+    return (log_lik + beta * log_ratio).mean(0), elbo
+
+
+@torch.no_grad()
+def dataset_elbo(model, x: torch.Tensor, device, batch_size: int = 500, num_samples: int = 1) -> float:
+    """Mean ELBO over the datapoints of ``x`` (a single-sample estimate per point by default)."""
+    total = 0.0
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size].to(device)
+        _, elbo = objective(model, xb, "elbo", num_samples)
+        total += elbo.double().sum().item()
+    return total / x.shape[0]
+
+
+def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7 + stream)
+
+
+def _initial_state(recipe: Recipe, model, optimizer) -> Dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": 0,
+        "rng": torch.get_rng_state(),
+        "best_model": None,
+        "best_valid_elbo": -math.inf,
+        "best_epoch": 0,
+        "epochs_since_best": 0,
+        "log": [],
+        "stopped_early": False,
+    }
+
+
+def _write_log(run_dir: Path, rows: List[Dict]) -> None:
+    lines = [",".join(LOG_COLUMNS)]
+    for row in rows:
+        lines.append(",".join(repr(row[c]) if isinstance(row[c], float) else str(row[c]) for c in LOG_COLUMNS))
+    write_text(run_dir / TRAIN_LOG_FILE, "\n".join(lines) + "\n")
+
+
+def _check_resume(recipe: Recipe, run_dir: Path) -> None:
+    saved = load_recipe(run_dir / RECIPE_FILE)
+    mine = dataclasses.replace(recipe, device=saved.device)
+    if mine != saved:
+        a, b = saved.to_dict(), mine.to_dict()
+        diff = [f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s].get(k)]
+        diff += [k for k in a if not isinstance(a[k], dict) and a[k] != b[k]]
+        raise GapbenchError(
+            f"--resume: the recipe differs from the one {run_dir} was trained with ({', '.join(diff)}); "
+            "resume with the same recipe, or train into a new --out"
+        )
+
+
+def train_run(
+    recipe: Recipe,
+    run_dir,
+    device: Optional[str] = None,
+    resume: bool = False,
+    callback: Optional[Callable[[Dict], None]] = None,
+) -> TrainResult:
+    """Train the recipe's VAE into ``run_dir``; ``callback(row)`` is called after every epoch."""
+    run_dir = Path(run_dir)
+    dev = resolve_device(device or recipe.device)
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    if resume:
+        if not ckpt_path.is_file():
+            raise GapbenchError(f"--resume: {run_dir} holds no {CHECKPOINT_FILE} to resume from; drop --resume to start")
+        _check_resume(recipe, run_dir)
+    elif ckpt_path.exists():
+        raise GapbenchError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose another --out")
+
+    inputs = load_inputs(recipe)
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe, inputs).to(dev)
+    t = recipe.train
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.adam_eps)
+
+    if resume:
+        state = load_torch(ckpt_path)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise GapbenchError(f"{ckpt_path} does not fit this recipe's model ({type(exc).__name__}); retrain into a new --out") from None
+        torch.set_rng_state(state["rng"])
+    else:
+        with output_dir(run_dir):
+            write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
+            state = _initial_state(recipe, model, optimizer)
+            save_torch(ckpt_path, state)
+
+    started = time.time()
+    state = _train_epochs(recipe, inputs, model, optimizer, state, run_dir, dev, callback)
+    best = state["best_model"]
+    if best is not None:
+        model.load_state_dict(best)
+    test_elbo = dataset_elbo(model.eval(), inputs.test, dev, num_samples=10)
+    prior_meta = {}
+    if resume and (run_dir / META_FILE).exists():
+        from gapbench.io import read_json
+
+        prior_meta = read_json(run_dir / META_FILE)
+    meta = {
+        "seed": recipe.seed,
+        "gapbench_version": __version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "num_threads": torch.get_num_threads(),
+        "data_source": inputs.source,
+        "data_description": inputs.description,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "epochs": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        "stopped_early": state["stopped_early"],
+        "best_valid_elbo": state["best_valid_elbo"],
+        "test_elbo": test_elbo,
+        "train_seconds": sum(r["seconds"] for r in state["log"]),
+        "wall_seconds": prior_meta.get("wall_seconds", 0.0) + (time.time() - started),
+        "resumed": bool(resume) or prior_meta.get("resumed", False),
+    }
+    write_json(run_dir / META_FILE, meta)
+    return TrainResult(
+        run_dir=run_dir,
+        num_epochs=state["epoch"],
+        best_epoch=state["best_epoch"],
+        best_valid_elbo=state["best_valid_elbo"],
+        test_elbo=test_elbo,
+        wall_seconds=meta["train_seconds"],
+        stopped_early=state["stopped_early"],
+    )
+
+
+def _train_epochs(recipe: Recipe, inputs: Inputs, model, optimizer, state, run_dir: Path, dev, callback):
+    t = recipe.train
+    x_train = inputs.train
+    n = x_train.shape[0]
+    steps_per_epoch = math.ceil(n / t.batch_size)
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    saved_epoch = state["epoch"]
+    while state["epoch"] < t.num_epochs and not state["stopped_early"]:
+        epoch = state["epoch"]
+        lr = learning_rate(epoch, t.lr, t.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(n, generator=_epoch_generator(recipe.seed, epoch, 0))
+        binarize_gen = _epoch_generator(recipe.seed, epoch, 1)
+        model.train()
+        tic = time.time()
+        sum_obj = sum_elbo = 0.0
+        beta = 1.0
+        for step in range(steps_per_epoch):
+            idx = order[step * t.batch_size : (step + 1) * t.batch_size]
+            xb = training_batch(inputs, x_train[idx], binarize_gen).to(dev)
+            beta = kl_weight(epoch, step, steps_per_epoch, t.warmup_epochs) if t.objective == "elbo" else 1.0
+            obj, elbo = objective(model, xb, t.objective, t.num_samples, beta)
+            loss = -obj.mean()
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {loss.item()}; "
+                    f"the last good checkpoint (epoch {saved_epoch}) is kept in {ckpt_path}; "
+                    "lower train.lr or set train.max_grad_norm, then train into a new --out"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            sum_obj += obj.detach().double().sum().item()
+            sum_elbo += elbo.detach().double().sum().item()
+        seconds = time.time() - tic
+        model.eval()
+        state["epoch"] = epoch + 1
+        if state["epoch"] % t.eval_every == 0 or state["epoch"] == t.num_epochs:
+            valid_elbo = dataset_elbo(model, inputs.valid, dev)
+            if not math.isfinite(valid_elbo):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch + 1}: the validation ELBO is {valid_elbo}; "
+                    f"the last good checkpoint (epoch {saved_epoch}) is kept in {ckpt_path}; lower train.lr"
+                )
+            if valid_elbo > state["best_valid_elbo"]:
+                state.update(best_valid_elbo=valid_elbo, best_epoch=epoch + 1, epochs_since_best=0)
+                state["best_model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                state["epochs_since_best"] += t.eval_every
+            if t.early_stopping_patience is not None and state["epochs_since_best"] >= t.early_stopping_patience:
+                state["stopped_early"] = True
+        else:
+            valid_elbo = float("nan")
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "kl_weight": beta,
+            "train_objective": sum_obj / n,
+            "train_elbo": sum_elbo / n,
+            "valid_elbo": valid_elbo,
+            "seconds": seconds,
+            "images_per_s": n / max(seconds, 1e-9),
+        }
+        state["log"].append(row)
+        state["model"] = model.state_dict()
+        state["optimizer"] = optimizer.state_dict()
+        state["rng"] = torch.get_rng_state()
+        if state["epoch"] % t.checkpoint_every == 0 or state["epoch"] == t.num_epochs or state["stopped_early"]:
+            save_torch(ckpt_path, state)
+            _write_log(run_dir, state["log"])
+            saved_epoch = state["epoch"]
+        if callback is not None:
+            callback(row)
+    return state
