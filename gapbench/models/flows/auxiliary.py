@@ -1,0 +1,102 @@
+"""The auxiliary-variable flow of Cremer et al. (2018) / Ranganath et al. (2016).
+
+An auxiliary v in R^A rides along with z in R^D:
+
+    z0 ~ N(mean, diag(exp(log_var))),   v0 ~ q(v0 | z0, h)
+    for each step:  v <- v * exp(s1(z)) + t1(z);   z <- z * exp(s2(v)) + t2(v)
+    r(vT | zT, h): a Gaussian "reverse model"
+
+log q(zT) is intractable; the family returns, for each sample,
+
+    log q(z0) + log q(v0|z0) - sum log|det| - log r(vT|zT)
+
+whose expectation over v is log q(zT) + KL(q(vT|zT) || r(vT|zT)) >= log q(zT), so
+an ELBO computed with it is a lower bound on the true ELBO (``exact_log_prob`` is False).
+h is an optional context [N, C]: the encoder's features h(x) when amortized, or a
+free per-datapoint tensor when fitted locally.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from gapbench.models.flows.base import FlowFamily, _check_positive
+from gapbench.models.flows.layers import ConditionerNet, Params, soft_clamp
+from gapbench.models.flows.transforms import AffineCoupling, CompositeTransform
+from gapbench.ops import log_normal, log_standard_normal
+
+#: Soft bound on the log-variances of q(v0|z0) and r(vT|zT).
+MAX_AUX_LOG_VAR = 6.0
+
+
+class AuxiliaryFlow(FlowFamily):
+    """Auxiliary-variable flow (the paper's "Flow" q); log q is a per-sample upper bound.
+
+    params: ``mean``, ``log_var`` [N|1, D]; ``context`` [N, C] when ``context_dim`` > 0;
+    weights of q(v0|z0,h) (``qv_*``), r(vT|zT,h) (``rv_*``) and the couplings
+    (``s{k}v_*`` updating v from z, ``s{k}z_*`` updating z from v), each [N|1, ...].
+    At initialization the couplings are the identity and q(v|z) = r(v|z) = N(0, I),
+    so the bound equals log N(z; mean, var) exactly.
+    """
+
+    name = "flow"
+    exact_log_prob = False
+
+    def __init__(
+        self,
+        latent_dim: int,
+        num_flow_steps: int = 2,
+        flow_hidden: int = 100,
+        aux_dim: Optional[int] = None,
+        context_dim: int = 0,
+    ):
+        super().__init__(latent_dim, num_flow_steps, flow_hidden)
+        self.aux_dim = latent_dim if aux_dim is None else _check_positive("aux_dim", aux_dim)
+        if isinstance(context_dim, bool) or int(context_dim) != context_dim or context_dim < 0:
+            raise ValueError(f"context_dim must be a non-negative integer, got {context_dim!r}")
+        self.context_dim = int(context_dim)
+        d, a, hidden = latent_dim, self.aux_dim, self.flow_hidden
+        self.q_v = ConditionerNet("qv", d, 2 * a, hidden, self.context_dim)
+        self.r_v = ConditionerNet("rv", d, 2 * a, hidden, self.context_dim)
+        steps = []
+        for k in range(self.num_flow_steps):  # features: [z (D), v (A)]
+            steps.append(AffineCoupling(d + a, range(d, d + a), f"s{k}v", hidden))  # v from z
+            steps.append(AffineCoupling(d + a, range(d), f"s{k}z", hidden))  # z from v
+        self.transform = CompositeTransform(steps)
+
+    def init_flow_params(self, num_points, device=None, dtype=torch.float32, generator=None) -> Params:
+        params = self.q_v.init_params(num_points, device, dtype, generator)
+        params.update(self.r_v.init_params(num_points, device, dtype, generator))
+        params.update(self.transform.init_params(num_points, device, dtype, generator))
+        return params
+
+    def init_params(self, num_points, init=None, device=None, dtype=torch.float32, generator=None) -> Params:
+        """As :meth:`FlowFamily.init_params`, plus a zero ``context`` [N, C] when C > 0."""
+        params = super().init_params(num_points, init, device, dtype, generator)
+        if self.context_dim:
+            params["context"] = params["mean"].new_zeros(num_points, self.context_dim)
+        return params
+
+    def _gaussian(self, net: ConditionerNet, params: Params, z: Tensor) -> Tuple[Tensor, Tensor]:
+        mean, raw_log_var = net(params, z, params.get("context")).chunk(2, dim=-1)  # [S, N, A]
+        return mean, soft_clamp(raw_log_var, MAX_AUX_LOG_VAR)
+
+    def transform_noise(self, params: Params, eps_z: Tensor, eps_v: Tensor) -> Tuple[Tensor, Tensor]:
+        """zT [S, N, D] and the bound on log q(zT) [S, N], from noise eps_z [S, N, D], eps_v [S, N, A]."""
+        z0, log_q_z0 = self._base_sample(params, eps_z)
+        mean_v, log_var_v = self._gaussian(self.q_v, params, z0)
+        v0 = mean_v + torch.exp(0.5 * log_var_v) * eps_v  # [S, N, A]
+        log_q_v0 = log_standard_normal(eps_v) - 0.5 * log_var_v.sum(-1)
+        zv, logabsdet = self.transform.forward(params, torch.cat([z0, v0], dim=-1))
+        z, v = zv[..., : self.latent_dim], zv[..., self.latent_dim :]
+        mean_r, log_var_r = self._gaussian(self.r_v, params, z)
+        log_r = log_normal(v, mean_r, log_var_r)
+        return z, log_q_z0 + log_q_v0 - logabsdet - log_r
+
+    def sample_and_log_prob(self, params: Params, num_samples: int, num_points: Optional[int] = None):
+        eps_z = self._base_noise(params, num_samples, num_points)
+        eps_v = torch.randn(eps_z.shape[:-1] + (self.aux_dim,), device=eps_z.device, dtype=eps_z.dtype)
+        return self.transform_noise(params, eps_z, eps_v)
