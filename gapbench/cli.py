@@ -19,6 +19,52 @@ from gapbench.errors import GapbenchError
 
 _DEBUG = {"on": False}
 
+
+class _TrainBar:
+    """Progress bar over epochs: ELBO, learning rate and speed."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.bar = None
+
+    def __call__(self, row) -> None:
+        if self.bar is None:  # created at the first epoch, so a resumed run starts where it left off
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=row["epoch"] - 1, desc="train", unit="epoch", dynamic_ncols=True)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            elbo=f"{row['train_elbo']:.2f}", valid=f"{row['valid_elbo']:.2f}", img_s=f"{row['images_per_s']:.0f}"
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _StageBars:
+    """One progress bar per evaluation stage, with time left."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(label)
+        if bar is None:
+            for other in self.bars.values():
+                other.close()
+            bar = self.bars[label] = tqdm(total=total, initial=done, desc=label, unit="batch", dynamic_ncols=True)
+        else:
+            bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
 set_option = click.option(
     "--set",
     "overrides",
@@ -83,7 +129,11 @@ def train(recipe: str, overrides, out: Optional[str], device: Optional[str], res
 
     r = load_recipe(recipe, overrides)
     run_dir = Path(out) if out else Path("runs") / r.name
-    result = train_run(r, run_dir, device=device, resume=resume, progress=True)
+    bar = _TrainBar(r.train.num_epochs)
+    try:
+        result = train_run(r, run_dir, device=device, resume=resume, callback=bar)
+    finally:
+        bar.close()
     click.echo(result.summary_line())
 
 
@@ -106,7 +156,11 @@ def evaluate_gaps(run_dir: str, split, num_points, families, overrides, device, 
         extra.append(f"evaluate.num_points={num_points}")
     if families is not None:
         extra.append(f"evaluate.families=[{families}]")
-    summary = evaluate_run(Path(run_dir), overrides=extra, device=device, resume=resume, progress=True)
+    bars = _StageBars()
+    try:
+        summary = evaluate_run(Path(run_dir), overrides=extra, device=device, resume=resume, callback=bars)
+    finally:
+        bars.close()
     click.echo(summary.summary_line())
 
 
@@ -137,7 +191,24 @@ def run(recipe: str, overrides, out: Optional[str], device: Optional[str]) -> No
     """train -> evaluate-gaps -> report in one command, skipping finished stages."""
     from gapbench.pipeline import run_pipeline
 
-    table = run_pipeline(recipe, overrides=list(overrides), out=out, device=device, progress=True)
+    from gapbench.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    bar = _TrainBar(r.train.num_epochs)
+    bars = _StageBars()
+    try:
+        _, table = run_pipeline(
+            recipe,
+            overrides=list(overrides),
+            out=out,
+            device=device,
+            train_callback=bar,
+            eval_callback=bars,
+            stage_callback=lambda msg: click.echo(msg, err=True),
+        )
+    finally:
+        bar.close()
+        bars.close()
     click.echo(table)
 
 

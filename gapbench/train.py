@@ -121,7 +121,8 @@ def _write_log(run_dir: Path, rows: List[Dict]) -> None:
 
 def _check_resume(recipe: Recipe, run_dir: Path) -> None:
     saved = load_recipe(run_dir / RECIPE_FILE)
-    mine = dataclasses.replace(recipe, device=saved.device)
+    # What the model is and how it is trained must match; evaluation settings may differ.
+    mine = dataclasses.replace(recipe, device=saved.device, evaluate=saved.evaluate, name=saved.name)
     if mine != saved:
         a, b = saved.to_dict(), mine.to_dict()
         diff = [f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s].get(k)]
