@@ -1,0 +1,284 @@
+"""Annealed importance sampling (AIS) of log p(x) with HMC transitions, forward and reverse.
+
+Intermediate densities, for each datapoint x,
+    log f_t(z) = log p0(z) + beta_t (log p(x, z) - log p0(z)),   0 = beta_0 < ... < beta_T = 1,
+from a start distribution p0 (the prior, or a q(z|x) with an exact density)
+to the unnormalized posterior p(x, z). C chains per datapoint; all chains of
+all datapoints in a chunk advance as one [C, N, D] tensor. Neal 2001;
+Wu, Burda, Salakhutdinov & Grosse 2017 for decoder-based models.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from gapbench.inference._common import (
+    check_batch,
+    check_model,
+    float_dtype,
+    index_posterior,
+    log_joint,
+    point_chunks,
+    seeded,
+    start_distribution,
+)
+from gapbench.inference.hmc import HMCState, hmc_step
+from gapbench.inference.schedule import annealing_schedule
+from gapbench.ops import logmeanexp
+
+logger = logging.getLogger("gapbench.inference")
+
+DEFAULT_NUM_STEPS = 1000
+DEFAULT_NUM_CHAINS = 16
+# Per-chain step-size adaptation (REFERENCE.md): start, target acceptance, factors, clamp.
+ACCEPTANCE_SMOOTHING = 0.9  # exponential moving average of each chain's acceptance (as Wu et al. 2017)
+
+
+@dataclass
+class AISTrace:
+    """Running estimate during annealing: ``log_z[k]`` [N] after ``steps[k]`` transitions, at ``beta[k]``.
+
+    Forward: log Z_beta = log int p0(z)^(1-beta) p(x, z)^beta dz, which is log p(x) at beta = 1.
+    For the estimate as a function of the schedule length T, run :func:`ais` once per T.
+    """
+
+    steps: Tensor  # [K] long
+    beta: Tensor  # [K] float64
+    log_z: Tensor  # [K, N] float64
+
+
+@dataclass
+class AISResult:
+    """Result of :func:`ais` / :func:`ais_reverse` for N datapoints and C chains each.
+
+    log_px [N] float64: logmeanexp of the chains' log-weights (forward: a stochastic
+    lower bound on log p(x); reverse: minus that, a stochastic upper bound).
+    log_weights [C, N] float64; acceptance [N]: mean HMC accept probability;
+    step_size [C, N]: each chain's final step size; ess [N]: (sum w)^2 / sum w^2 over
+    chains, in [1, C]; finite [N]: log_px is finite; z [C, N, D]: final chain states
+    (approximate posterior samples, forward). trace: :class:`AISTrace` or None.
+    """
+
+    log_px: Tensor
+    log_weights: Tensor
+    acceptance: Tensor
+    step_size: Tensor
+    ess: Tensor
+    finite: Tensor
+    z: Tensor
+    trace: Optional[AISTrace]
+    num_steps: int
+    num_chains: int
+    reverse: bool = False
+
+    @property
+    def num_nonfinite(self) -> int:
+        return int((~self.finite).sum())
+
+
+def effective_sample_size(log_weights: Tensor) -> Tensor:
+    """ESS = (sum_c w_c)^2 / sum_c w_c^2 from log-weights [C, N]; returns [N] in [1, C]."""
+    w = torch.softmax(log_weights, dim=0)  # normalized, max-shifted
+    return 1.0 / (w**2).sum(0)
+
+
+def _tempered_fn(model, x: Tensor, p0, beta: float):
+    """z -> (log f_beta [C, N], grad [C, N, D], aux) with one model forward/backward.
+
+    aux = (log p0, log p(x, z), grad log p0, grad log p(x, z)), which give f and its
+    gradient at any other beta without evaluating the model again.
+    """
+
+    def fn(z: Tensor):
+        z0 = z.detach().requires_grad_(True)
+        z1 = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            log_p0 = p0.log_prob(z0)  # [C, N]
+            log_pxz = log_joint(model, x, z1)  # [C, N]
+            grad_p0, grad_pxz = torch.autograd.grad(log_p0.sum() + log_pxz.sum(), [z0, z1])
+        log_p0, log_pxz = log_p0.detach(), log_pxz.detach()
+        aux = (log_p0, log_pxz, grad_p0, grad_pxz)
+        return _combine(beta, aux) + (aux,)
+
+    return fn
+
+
+def _combine(beta: float, aux) -> Tuple[Tensor, Tensor]:
+    log_p0, log_pxz, grad_p0, grad_pxz = aux
+    return log_p0 + beta * (log_pxz - log_p0), grad_p0 + beta * (grad_pxz - grad_p0)
+
+
+def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, step_size_range, record_every):
+    """Run C chains per datapoint through the densities f_{betas[0]} .. f_{betas[-1]}.
+
+    log w = sum_i (betas[i] - betas[i-1]) (log p(x, z_{i-1}) - log p0(z_{i-1})), accumulated in float64.
+    """
+    num_chains, num_points = z.shape[0], z.shape[1]
+    lo, hi = step_size_range
+    eps = torch.full((num_chains, num_points), float(step_size), dtype=z.dtype, device=z.device)
+    log_w = torch.zeros(num_chains, num_points, dtype=torch.float64, device=z.device)
+    accept_sum = torch.zeros_like(log_w)
+    smoothed = None
+    steps, beta_rec, log_z_rec = [], [], []
+    aux = _tempered_fn(model, x, p0, float(betas[0]))(z)[2]
+    num_transitions = len(betas) - 1
+    for i in range(1, num_transitions + 1):
+        beta = float(betas[i])
+        log_w += (betas[i] - betas[i - 1]) * (aux[1] - aux[0]).double()
+        log_f, grad = _combine(beta, aux)
+        state = HMCState(z, log_f, grad, aux)
+        state, info = hmc_step(state, eps, num_leapfrog, _tempered_fn(model, x, p0, beta))
+        z, aux = state.z, state.aux
+        accept = info.accept_prob.double()
+        accept_sum += accept
+        smoothed = accept if smoothed is None else ACCEPTANCE_SMOOTHING * smoothed + (1 - ACCEPTANCE_SMOOTHING) * accept
+        eps = torch.where(smoothed > target_acceptance, eps * 1.02, eps * 0.98).clamp(lo, hi)
+        if record_every and (i % record_every == 0 or i == num_transitions):
+            steps.append(i)
+            beta_rec.append(beta)
+            log_z_rec.append(logmeanexp(log_w, dim=0))
+    record = (steps, beta_rec, log_z_rec) if record_every else None
+    return log_w, accept_sum / num_transitions, eps, z, record
+
+
+def _run(model, x, init, z_start, reverse, num_steps, num_chains, num_leapfrog, schedule, step_size,
+         target_acceptance, step_size_range, chunk_size, record_every, seed) -> AISResult:
+    latent_dim = check_model(model)
+    num_points = check_batch(x)
+    if num_chains < 1 or num_leapfrog < 1:
+        raise ValueError("num_chains and num_leapfrog must be at least 1")
+    device, dtype = x.device, float_dtype(x)
+    betas = annealing_schedule(num_steps, schedule)
+    if reverse:
+        betas = betas.flip(0)
+    p0_all = start_distribution(model, init, num_points, latent_dim, device, dtype, need_exact=True)
+    if hasattr(p0_all, "detach"):
+        try:
+            p0_all = p0_all.detach()
+        except NotImplementedError:
+            pass
+    parts: List[tuple] = []
+    with seeded(seed, device):
+        for idx in point_chunks(num_points, chunk_size):
+            p0 = index_posterior(p0_all, idx, num_points)
+            if reverse:
+                z0 = z_start[:, idx].to(device=device, dtype=dtype)
+                z0 = z0.expand(num_chains, -1, -1).clone() if z0.shape[0] == 1 else z0
+            else:
+                with torch.no_grad():
+                    z0 = p0.sample(num_chains).detach()  # [C, n, D]
+            parts.append(_anneal(model, x[idx], p0, z0, betas, num_leapfrog, step_size, target_acceptance,
+                                 step_size_range, record_every))
+    log_w = torch.cat([p[0] for p in parts], dim=1)
+    acceptance = torch.cat([p[1] for p in parts], dim=1).mean(0)
+    eps = torch.cat([p[2] for p in parts], dim=1)
+    z = torch.cat([p[3] for p in parts], dim=1)
+    log_px = logmeanexp(log_w, dim=0)
+    if reverse:
+        log_px = -log_px
+    trace = None
+    if record_every:
+        steps, beta_rec, _ = parts[0][4]
+        log_z = torch.cat([torch.stack(p[4][2]) for p in parts], dim=1)  # [K, N]
+        trace = AISTrace(torch.tensor(steps, dtype=torch.long), torch.tensor(beta_rec, dtype=torch.float64),
+                         -log_z if reverse else log_z)
+    finite = torch.isfinite(log_px)
+    if int((~finite).sum()):
+        logger.warning("%s AIS: %d of %d datapoints gave a non-finite estimate (kept, flagged in .finite)",
+                       "reverse" if reverse else "forward", int((~finite).sum()), num_points)
+    return AISResult(log_px, log_w, acceptance, eps, effective_sample_size(log_w), finite, z, trace,
+                     num_steps, num_chains, reverse)
+
+
+def ais(
+    model,
+    x: Tensor,
+    num_steps: int = DEFAULT_NUM_STEPS,
+    num_chains: int = DEFAULT_NUM_CHAINS,
+    num_leapfrog: int = 10,
+    schedule: str = "sigmoid",
+    init=None,
+    *,
+    step_size: float = 0.01,
+    target_acceptance: float = 0.65,
+    step_size_range: Tuple[float, float] = (1e-4, 0.5),
+    chunk_size: Optional[int] = None,
+    record_every: Optional[int] = None,
+    seed: Optional[int] = None,
+) -> AISResult:
+    """Estimate log p(x) per datapoint by annealed importance sampling with HMC.
+
+    log p_hat(x) = log (1/C) sum_c exp(log w_c),  log w_c = sum_t (beta_t - beta_{t-1}) (log p(x, z_{t-1}) - log p0(z_{t-1}))
+
+    E[p_hat(x)] = p(x), so E[log p_hat(x)] <= log p(x): a stochastic lower bound
+    that tightens as num_steps grows. Each transition is one HMC step with
+    ``num_leapfrog`` leapfrog steps whose step size adapts per chain (start
+    ``step_size``, times 1.02 or 0.98 as the chain's smoothed acceptance is above
+    or below ``target_acceptance``, clamped to ``step_size_range``).
+
+    Args:
+        model: ``latent_dim``, ``log_prior(z)``, ``log_likelihood(x, z)``; z [S, N, D] -> [S, N].
+        x: data [N, ...]; chains take x's device and floating dtype.
+        num_steps: T, intermediate distributions (transitions) per chain.
+        num_chains: C, independent chains per datapoint.
+        num_leapfrog: leapfrog steps per HMC transition.
+        schedule: "sigmoid" (Wu et al. 2017) or "linear" spacing of beta_t.
+        init: p0. None: the prior, which must be N(0, I) (checked against
+            model.log_prior; pass a non-standard prior as init). Else a Posterior or torch
+            Distribution [N] x [D] with an exact log-density, e.g. the encoder's q; a
+            family whose log q is only a bound (``exact_log_prob=False``) raises ValueError.
+        chunk_size: most datapoints annealed at once (memory ~ C * chunk_size); None: all.
+        record_every: also return the running estimate every this many transitions (:class:`AISTrace`).
+        seed: run under this seed without disturbing the global generator.
+
+    Returns:
+        :class:`AISResult`. Neal 2001; Wu et al. 2017.
+    """
+    return _run(model, x, init, None, False, num_steps, num_chains, num_leapfrog, schedule, step_size,
+                target_acceptance, step_size_range, chunk_size, record_every, seed)
+
+
+def ais_reverse(
+    model,
+    x: Tensor,
+    z: Tensor,
+    num_steps: int = DEFAULT_NUM_STEPS,
+    num_chains: int = DEFAULT_NUM_CHAINS,
+    num_leapfrog: int = 10,
+    schedule: str = "sigmoid",
+    init=None,
+    *,
+    step_size: float = 0.01,
+    target_acceptance: float = 0.65,
+    step_size_range: Tuple[float, float] = (1e-4, 0.5),
+    chunk_size: Optional[int] = None,
+    record_every: Optional[int] = None,
+    seed: Optional[int] = None,
+) -> AISResult:
+    """Reverse AIS: anneal from the posterior back to p0, starting at exact posterior samples z.
+
+    log p_hat(x) = -log (1/C) sum_c exp(log w_c),  log w_c = sum_t (beta_{t-1} - beta_t) (log p(x, z_t) - log p0(z_t))
+
+    The reverse weights estimate 1/p(x) without bias, so the result is a
+    stochastic UPPER bound on log p(x) -- valid only when z is an exact sample of
+    p(z|x), as it is for data simulated from the model (see :func:`bdmc`).
+
+    Args:
+        z: [N, D] (one exact posterior sample per datapoint, shared by its C chains)
+            or [C, N, D]. Other arguments as in :func:`ais`.
+
+    Returns:
+        :class:`AISResult` with ``reverse=True`` (``log_px`` is the upper estimate).
+        Grosse, Ghahramani & Adams 2015.
+    """
+    if z.dim() == 2:
+        z = z.unsqueeze(0)
+    if z.dim() != 3 or z.shape[1] != x.shape[0] or z.shape[0] not in (1, num_chains):
+        raise ValueError(f"z must be [N, D] or [C, N, D] with N = {x.shape[0]} and C = {num_chains}, got {tuple(z.shape)}")
+    return _run(model, x, init, z, True, num_steps, num_chains, num_leapfrog, schedule, step_size,
+                target_acceptance, step_size_range, chunk_size, record_every, seed)

@@ -1,0 +1,206 @@
+"""The optimal member q* of a variational family for each datapoint, fitted locally.
+
+Each datapoint gets its own variational parameters, optimized by its own Adam
+on its own ELBO; all active datapoints advance as one batch, and a datapoint
+leaves the batch (by indexing) as soon as its own stopping rule fires.
+Cremer, Li & Duvenaud 2018, section 5 ("local optimization").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Optional, Union
+
+import torch
+from torch import Tensor
+
+from gapbench.inference._common import check_batch, check_model, float_dtype, log_joint, seeded
+from gapbench.inference.adam import adam_init, adam_update
+from gapbench.inference.bounds import elbo_and_stderr
+from gapbench.models.posterior import Family, FamilyPosterior, as_posterior, get_family
+
+logger = logging.getLogger("gapbench.inference")
+
+
+@dataclass
+class FitTrace:
+    """Convergence record: ``elbo[k, i]`` is datapoint i's ELBO averaged over its
+    steps ``steps[k] - check_every + 1 .. steps[k]``; NaN after it stopped."""
+
+    steps: Tensor  # [K] long
+    elbo: Tensor  # [K, N] float64
+
+
+@dataclass
+class LocalFit:
+    """Result of :func:`fit_local` for N datapoints.
+
+    elbo [N] float64: L[q*] from ``num_final_samples`` fresh samples; elbo_stderr [N] its MC error.
+    q: the fitted posterior (FamilyPosterior, detached); params: its parameter dict [N, ...].
+    num_steps [N]: Adam steps taken; converged [N]: the stopping rule fired before max_steps;
+    finite [N]: no NaN/inf met (loss, gradient or final ELBO). trace: :class:`FitTrace`.
+    """
+
+    elbo: Tensor
+    elbo_stderr: Tensor
+    q: FamilyPosterior
+    params: Dict[str, Tensor]
+    num_steps: Tensor
+    converged: Tensor
+    finite: Tensor
+    trace: FitTrace
+
+    @property
+    def num_nonfinite(self) -> int:
+        return int((~self.finite).sum())
+
+
+def _per_point(params: Dict[str, Tensor], num_points: int) -> Dict[str, Tensor]:
+    """Every floating parameter as its own copy per datapoint, [N, ...]."""
+    out = {}
+    for k, v in params.items():
+        v = v.detach()
+        if v.is_floating_point():
+            v = v.expand((num_points,) + tuple(v.shape[1:])).clone()
+        out[k] = v
+    return out
+
+
+def fit_local(
+    model,
+    x: Tensor,
+    family: Union[str, Family] = "ffg",
+    init=None,
+    *,
+    lr: float = 1e-3,
+    num_samples: int = 50,
+    check_every: int = 100,
+    patience: int = 10,
+    max_steps: int = 20_000,
+    num_final_samples: int = 1000,
+    chunk_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    family_kwargs: Optional[dict] = None,
+) -> LocalFit:
+    """Fit the best member q* of ``family`` to each datapoint's posterior separately.
+
+    q*(z|x) = argmax_{q in family} E_q[log p(x, z) - log q(z)]   (one q per datapoint)
+
+    Adam (lr ``lr``) on the per-datapoint parameters; the loss is the SUM over
+    datapoints of each one's negative ELBO estimate from ``num_samples``
+    samples, so a datapoint's gradient, step and stopping do not depend on
+    which others share its batch. Stopping rule, per datapoint: every
+    ``check_every`` of its steps, average its loss over those steps; stop after
+    ``patience`` checks without a new best, or at ``max_steps``.
+
+    Args:
+        model: ``latent_dim``, ``log_prior(z)``, ``log_likelihood(x, z)``; z [S, N, D] -> [S, N].
+        x: data [N, ...]; the parameters take x's device and floating dtype.
+        family: "ffg", "flow", "realnvp" (any name in the family registry) or a Family instance.
+        init: None (start at the prior N(0, I)) or a Posterior / torch Distribution [N] x [D]
+            (start at the family member closest to it, e.g. the encoder's q).
+        lr, num_samples, check_every, patience, max_steps: the optimization (defaults from the paper).
+        num_final_samples: fresh samples for the final L[q*] (chunked).
+        chunk_size: most datapoints optimized at once (None: all); a converged
+            datapoint's place is taken by the next waiting one.
+        seed: run under this seed without disturbing the global generator.
+        family_kwargs: extra arguments for ``get_family`` (e.g. flow sizes).
+
+    Returns:
+        :class:`LocalFit`. Cremer, Li & Duvenaud 2018.
+    """
+    latent_dim = check_model(model)
+    num_points = check_batch(x)
+    if check_every < 1 or patience < 1 or max_steps < 1 or num_samples < 1:
+        raise ValueError("check_every, patience, max_steps and num_samples must be at least 1")
+    fam = get_family(family, latent_dim, **(family_kwargs or {})) if isinstance(family, str) else family
+    device, dtype = x.device, float_dtype(x)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    capacity = num_points if chunk_size is None else min(chunk_size, num_points)
+
+    with seeded(seed, device):
+        init_q = None if init is None else as_posterior(init)
+        params = _per_point(fam.init_params(num_points, init=init_q, device=device, dtype=dtype), num_points)
+        names = [k for k, v in params.items() if v.is_floating_point()]
+        opt = adam_init({k: params[k] for k in names})
+
+        steps = torch.zeros(num_points, dtype=torch.long, device=device)
+        window = torch.zeros(num_points, dtype=torch.float64, device=device)
+        best = torch.full((num_points,), float("inf"), dtype=torch.float64, device=device)
+        bad_checks = torch.zeros(num_points, dtype=torch.long, device=device)
+        num_checks = torch.zeros(num_points, dtype=torch.long, device=device)
+        converged = torch.zeros(num_points, dtype=torch.bool, device=device)
+        failed = torch.zeros(num_points, dtype=torch.bool, device=device)
+        max_checks = max_steps // check_every
+        trace = torch.full((max(max_checks, 1), num_points), float("nan"), dtype=torch.float64, device=device)
+
+        active = torch.arange(capacity, device=device)
+        next_point = capacity
+        while active.numel() > 0:
+            n = active.numel()
+            p = {k: (v[active] if v.shape[0] == num_points else v) for k, v in params.items()}
+            for k in names:
+                p[k].requires_grad_(True)
+            z, log_q = fam.sample_and_log_prob(p, num_samples, n)  # [S, n, D], [S, n]
+            loss = -(log_joint(model, x[active], z) - log_q).mean(0)  # [n]
+            grads = torch.autograd.grad(loss.sum(), [p[k] for k in names], allow_unused=True)
+            grads = [torch.zeros_like(p[k]) if g is None else g for k, g in zip(names, grads)]
+            loss = loss.detach()
+            ok = torch.isfinite(loss)
+            for g in grads:
+                ok &= torch.isfinite(g.reshape(n, -1)).all(1)
+            t = steps[active] + 1
+            for k, g in zip(names, grads):
+                g = torch.where(ok.reshape((-1,) + (1,) * (g.dim() - 1)), g, torch.zeros_like(g))
+                new, m, v = adam_update(p[k].detach(), g, opt["m_" + k][active], opt["v_" + k][active], t, lr)
+                keep = ok.reshape((-1,) + (1,) * (new.dim() - 1))
+                params[k][active] = torch.where(keep, new, p[k].detach())
+                opt["m_" + k][active] = m
+                opt["v_" + k][active] = v
+            steps[active] = torch.where(ok, t, steps[active])
+            window[active] += torch.where(ok, loss.double(), torch.zeros_like(loss, dtype=torch.float64))
+
+            # The stopping rule, for the datapoints at a check.
+            done = ~ok
+            at_check = ok & (t % check_every == 0)
+            if bool(at_check.any()):
+                idx = active[at_check]
+                avg = window[idx] / check_every
+                trace[num_checks[idx], idx] = -avg
+                improved = avg < best[idx]
+                best[idx] = torch.minimum(best[idx], avg)
+                bad_checks[idx] = torch.where(improved, torch.zeros_like(bad_checks[idx]), bad_checks[idx] + 1)
+                num_checks[idx] += 1
+                window[idx] = 0.0
+                stop = bad_checks[idx] >= patience
+                converged[idx] = stop
+                done[at_check] = stop
+            done |= t >= max_steps
+            failed[active[~ok]] = True
+
+            if bool(done.any()):
+                active = active[~done]
+                num_new = min(capacity - active.numel(), num_points - next_point)
+                if num_new > 0:
+                    fresh = torch.arange(next_point, next_point + num_new, device=device)
+                    active = torch.cat([active, fresh])
+                    next_point += num_new
+
+        q_star = fam.posterior({k: v.detach() for k, v in params.items()}, num_points)
+        value, stderr = elbo_and_stderr(model, x, q_star, num_final_samples)
+
+    finite = torch.isfinite(value) & ~failed
+    if int((~finite).sum()):
+        logger.warning("fit_local: %d of %d datapoints met a non-finite loss, gradient or final ELBO",
+                       int((~finite).sum()), num_points)
+    if int((~converged).sum()):
+        logger.info("fit_local: %d of %d datapoints stopped at max_steps=%d before converging",
+                    int((~converged & ~failed).sum()), num_points, max_steps)
+    used = int(num_checks.max()) if num_points else 0
+    fit_trace = FitTrace(
+        steps=torch.arange(1, used + 1, device=device) * check_every,
+        elbo=trace[:used],
+    )
+    return LocalFit(value, stderr, q_star, q_star.params, steps, converged, finite, fit_trace)
