@@ -109,7 +109,7 @@ def test_malformed_set_is_an_error(tmp_path, bad):
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    recipes = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
     assert recipes, "no recipes shipped"
     for path in recipes:
         load_recipe(path)
