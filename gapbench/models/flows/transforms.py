@@ -59,6 +59,12 @@ class AffineCoupling(Transform):
         self.identity_idx = [i for i in range(num_features) if i not in set(transform_features)]
         perm = self.identity_idx + self.transform_idx
         self.inverse_perm = sorted(range(num_features), key=perm.__getitem__)
+        # Contiguous blocks (the auxiliary flow's [z, v]) split and join by slicing, without gathers.
+        self._blocks = None
+        if all(b - a == 1 for idx in (self.identity_idx, self.transform_idx) for a, b in zip(idx, idx[1:])):
+            block_a = slice(self.identity_idx[0], self.identity_idx[-1] + 1) if self.identity_idx else slice(0, 0)
+            block_b = slice(self.transform_idx[0], self.transform_idx[-1] + 1)
+            self._blocks = (block_a, block_b, block_a.start < block_b.start)
         self.net = ConditionerNet(prefix, len(self.identity_idx), 2 * len(self.transform_idx), hidden)
 
     def param_shapes(self):
@@ -68,11 +74,15 @@ class AffineCoupling(Transform):
         return self.net.init_params(num_points, device, dtype, generator)
 
     def _split(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if self._blocks is not None:
+            return x[..., self._blocks[0]], x[..., self._blocks[1]]
         idx_a = torch.as_tensor(self.identity_idx, device=x.device, dtype=torch.long)
         idx_b = torch.as_tensor(self.transform_idx, device=x.device, dtype=torch.long)
         return x.index_select(-1, idx_a), x.index_select(-1, idx_b)
 
     def _join(self, x_a: Tensor, x_b: Tensor) -> Tensor:
+        if self._blocks is not None:
+            return torch.cat([x_a, x_b] if self._blocks[2] else [x_b, x_a], dim=-1)
         inv = torch.as_tensor(self.inverse_perm, device=x_a.device, dtype=torch.long)
         return torch.cat([x_a, x_b], dim=-1).index_select(-1, inv)
 
