@@ -167,11 +167,11 @@ def load_dataset(
         description += f"; quantized to {quantize_bits} bits: k = floor(v / {2 ** (8 - quantize_bits)}), stored as k/{num_levels - 1}"
     shape = tuple(spec.image_shape)
     images = _to_images(x_pool, shape, divisor)
-    labels = torch.from_numpy(np.asarray(y_pool, dtype=np.int64))
+    labels = torch.from_numpy(np.array(y_pool, dtype=np.int64))
     if x_test is None:
         test, test_labels = images[test_idx], labels[test_idx]
     else:
-        test, test_labels = _to_images(x_test, shape, divisor), torch.from_numpy(np.asarray(y_test, dtype=np.int64))
+        test, test_labels = _to_images(x_test, shape, divisor), torch.from_numpy(np.array(y_test, dtype=np.int64))
     return Dataset(
         name=name,
         train=images[train_idx],

@@ -7,6 +7,7 @@ permutation (see :func:`gapbench.data.dataset.load_dataset`).
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import numpy as np
@@ -14,12 +15,15 @@ import numpy as np
 from gapbench.data.errors import DataError
 
 
+@functools.lru_cache(maxsize=1)
 def load_digits_set() -> Tuple[np.ndarray, np.ndarray]:
-    """(images [1797, 8, 8] float32 in [0, 1], labels [1797] int64)."""
+    """(images [1797, 8, 8] float32 in [0, 1], labels [1797] int64), read once per process (read-only)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:  # pragma: no cover - scikit-learn is a dependency
         raise DataError("digits needs scikit-learn: pip install scikit-learn") from None
     bunch = load_digits()
     images = (bunch.images / 16.0).astype(np.float32)
-    return images, bunch.target.astype(np.int64)
+    labels = bunch.target.astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels

@@ -115,6 +115,8 @@ def download_dataset(name: str, root: Optional[PathLike] = None, base_urls: Opti
                 break
             except DataError as exc:
                 failures.append(str(exc))
+            except urllib.error.HTTPError as exc:
+                failures.append(f"{url}: HTTP {exc.code} {exc.reason}")
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 failures.append(f"{url}: {getattr(exc, 'reason', exc)}")
         else:

@@ -130,6 +130,21 @@ def tar_gz(members: dict, extra=None) -> bytes:
     return buf.getvalue()
 
 
+def crafted_member(kind, name, linkname=""):
+    """An ``extra`` for :func:`tar_gz` adding one regular file, symlink or hard link named ``name``."""
+    def extra(tar):
+        info = tarfile.TarInfo(name)
+        if kind == "file":
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+        else:
+            info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            info.linkname = linkname
+            tar.addfile(info)
+
+    return extra
+
+
 def cifar_spec(blobs, archive: bytes = None):
     base = registry.SPECS["cifar10"]
     num_train = sum(len(pickle.loads(blobs[f"data_batch_{i}"])[b"labels"]) for i in range(1, 6))
@@ -212,7 +227,7 @@ def http_server():
     """A server on 127.0.0.1 (free port) serving ``server.files`` ({url path: bytes}); shut down after the test."""
     handler = type("Handler", (_Handler,), {"files": {}, "requests": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     server.files = handler.files
     server.requests = handler.requests
