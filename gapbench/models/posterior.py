@@ -178,10 +178,12 @@ class Family:
         self.latent_dim = latent_dim
 
     def init_params(
-        self, num_points: int, init: Optional[Posterior] = None, device=None, dtype=torch.float32
+        self, num_points: int, init: Optional[Posterior] = None, device=None, dtype=torch.float32, generator=None
     ) -> Params:
         """Per-datapoint parameters [N, ...]: the prior N(0, I) when ``init`` is None,
-        else the member closest to ``init`` (its Gaussian moments, identity flow)."""
+        else the member closest to ``init`` (its Gaussian moments, identity flow).
+        Families with random hidden weights draw them from ``generator``, else from
+        torch's global RNG."""
         raise NotImplementedError
 
     def sample_and_log_prob(self, params: Params, num_samples: int, num_points: int) -> Tuple[Tensor, Tensor]:
@@ -215,7 +217,7 @@ class DiagonalGaussian(Family):
 
     name = "ffg"
 
-    def init_params(self, num_points, init=None, device=None, dtype=torch.float32) -> Params:
+    def init_params(self, num_points, init=None, device=None, dtype=torch.float32, generator=None) -> Params:
         mean, log_var = self._moments(num_points, init, device, dtype)
         return {"mean": mean, "log_var": log_var}
 

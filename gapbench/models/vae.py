@@ -130,7 +130,7 @@ def build_vae(
 
     architecture "mlp" uses encoder_hidden/decoder_hidden; "conv" (3x32x32 only) uses
     conv_channels. likelihood: "bernoulli", "logistic" or "categorical" (both need
-    num_levels), "gaussian" (gaussian_std: a number = fixed, None/"learned" = one per
+    num_levels, the data's grey levels; other likelihoods ignore it), "gaussian" (gaussian_std: a number = fixed, None/"learned" = one per
     pixel, "decoder" = output by the decoder). encoder: "ffg", "flow" (auxiliary flow)
     or "realnvp"; num_flow_steps and flow_hidden size the flows. Weights are drawn from
     torch's global RNG.
@@ -146,8 +146,8 @@ def build_vae(
             raise ModelError(f"model.num_levels is required by the {likelihood} likelihood (e.g. 256 for 8-bit images)")
         if _positive_int("num_levels", num_levels) < 2:
             raise ModelError(f"model.num_levels must be at least 2, got {num_levels!r}")
-    elif num_levels is not None:
-        raise ModelError(f"model.num_levels is only used by the logistic and categorical likelihoods, not {likelihood!r}")
+    else:
+        num_levels = None  # the data's number of grey levels; only the discrete likelihoods use it
     if gaussian_std is not None and likelihood != "gaussian":
         raise ModelError(f"model.gaussian_std is only used by the gaussian likelihood, not {likelihood!r}")
     num_pixels = math.prod(input_shape)
