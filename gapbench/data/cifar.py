@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-from pathlib import Path
 from typing import Dict, Tuple
 
 import numpy as np
@@ -94,8 +93,8 @@ def load_cifar_set(spec, found) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.
         blobs: Dict[str, bytes] = read_members(found.archive, names, spec.archive_dir)
         where = {n: f"{found.archive}:{spec.archive_dir}/{n}" for n in names}
     else:
-        blobs = {n: Path(found.paths[n]).read_bytes() for n in names}
-        where = {n: str(found.paths[n]) for n in names}
+        blobs = {n: found.path(n).read_bytes() for n in names}
+        where = {n: str(found.path(n)) for n in names}
     if "batches.meta" in blobs:
         meta = _unpickle(blobs["batches.meta"], where["batches.meta"], digests["batches.meta"])
         if len(meta.get(b"label_names", ())) != spec.num_classes:

@@ -22,15 +22,15 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from gapbench.data import cifar, digits, idx, omniglot
+from gapbench.data.download import download_dataset
 from gapbench.data.errors import DataError
-from gapbench.data.locate import PathLike, find_files, how_to_get, missing_error
+from gapbench.data.locate import Found, PathLike, find_files, how_to_get, missing_error
 from gapbench.data.registry import DATASETS, DatasetSpec, get_spec
 
 _DESCRIPTIONS = {
@@ -70,27 +70,21 @@ class DatasetStatus:
 
 
 def _stamp(paths) -> Tuple:
-    out = []
-    for p in sorted({str(p) for p in paths}):
-        st = os.stat(p)
-        out.append((p, st.st_size, st.st_mtime_ns))
-    return tuple(out)
+    """(path, size, mtime) of each file: a changed file is decoded again."""
+    return tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in sorted({str(p) for p in paths}))
 
 
 @functools.lru_cache(maxsize=4)
-def _decode(spec: DatasetSpec, found_key: Tuple, archive: Optional[str], folder: str, paths: Tuple):
-    from gapbench.data.locate import Found
-
-    found = Found(Path(folder), {k: Path(v) for k, v in paths}, Path(archive) if archive else None)
+def _decode(spec: DatasetSpec, stamp: Tuple, found: Found):
+    """The decoded, checked arrays of ``found``; cached per (spec, file stamps), returned read-only."""
     if spec.archive_dir:
         arrays = cifar.load_cifar_set(spec, found)
-    elif spec.name == "omniglot" or spec.files[0].name.endswith(".mat"):
+    elif spec.files[0].name.endswith(".mat"):
         arrays = omniglot.load_omniglot_set(spec, found)
     else:
         arrays = idx.load_idx_set(spec, found)
     for a in arrays:
-        if isinstance(a, np.ndarray) and a.flags.writeable and a.base is None:
-            a.flags.writeable = False
+        a.flags.writeable = False
     return arrays
 
 
@@ -98,16 +92,11 @@ def _raw_arrays(spec: DatasetSpec, data_dir, download: bool):
     """(train x, train y, test x, test y, source) as numpy arrays, from wherever the files are."""
     found = find_files(spec, data_dir)
     if found is None and download:
-        from gapbench.data.download import download_dataset
-        from gapbench.data.locate import user_root
-
-        download_dataset(spec.name, root=user_root(data_dir))
+        download_dataset(spec.name, root=data_dir)
         found = find_files(spec, data_dir)
     if found is None:
         raise missing_error(spec, data_dir)
-    paths = tuple(sorted((k, str(v)) for k, v in found.paths.items()))
-    key = _stamp(v for _, v in paths)
-    arrays = _decode(spec, key, str(found.archive) if found.archive else None, str(found.folder), paths)
+    arrays = _decode(spec, _stamp(p for _, p in found.paths), found)
     source = str(found.archive or found.folder)
     return (*arrays, source)
 
@@ -131,7 +120,7 @@ def load_dataset(
     Args:
         name: one of :data:`DATASETS`.
         data_dir: a root searched first (``<data_dir>/<name>/``); default ``$GAPBENCH_DATA``.
-        download: fetch the files into the cache (or ``data_dir``) when they are found nowhere.
+        download: when the files are found nowhere, fetch them into ``<data_dir>/<name>/``, else the user cache.
         split_seed: seed of the permutation that carves the validation split.
         num_valid: validation size (default: the dataset's standard one).
         quantize_bits: b in 1..8 for 8-bit data: values k / (2^b - 1), k = floor(v / 2^(8-b)).

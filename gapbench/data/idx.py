@@ -81,9 +81,9 @@ def read_idx(path: Path, magic: int, payload_sha256: Optional[str] = None) -> np
 
 def _read_pair(spec, found, images_name: str, labels_name: str, num_expected: int, split: str):
     files = {f.name: f for f in spec.files}
-    images = read_idx(found.paths[images_name], IMAGES_MAGIC, files[images_name].payload_sha256)
-    labels = read_idx(found.paths[labels_name], LABELS_MAGIC, files[labels_name].payload_sha256)
-    img_path, lab_path = found.paths[images_name], found.paths[labels_name]
+    images = read_idx(found.path(images_name), IMAGES_MAGIC, files[images_name].payload_sha256)
+    labels = read_idx(found.path(labels_name), LABELS_MAGIC, files[labels_name].payload_sha256)
+    img_path, lab_path = found.path(images_name), found.path(labels_name)
     if images.shape[0] != labels.shape[0]:
         raise DataError(
             f"{split} split: {img_path} has {images.shape[0]} images but {lab_path} has {labels.shape[0]} labels; "

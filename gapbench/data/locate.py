@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 from gapbench.data.errors import DataError
 from gapbench.data.registry import CIFAR_ARCHIVE, DatasetSpec
@@ -38,8 +38,11 @@ class Found:
     """Where a dataset was found: the folder and the path of each file (``archive`` for a CIFAR tar.gz)."""
 
     folder: Path
-    paths: dict  # file name in the spec -> path on disk (or the archive path)
+    paths: Tuple[Tuple[str, Path], ...]  # (file name in the spec, path on disk or the archive), hashable
     archive: Optional[Path] = None
+
+    def path(self, name: str) -> Path:
+        return dict(self.paths)[name]
 
 
 def cache_root() -> Path:
@@ -89,18 +92,18 @@ def _find_in(spec: DatasetSpec, folder: Path) -> Optional[Found]:
     if spec.archive_dir:
         inner = folder / spec.archive_dir
         if all((inner / f.name).is_file() for f in spec.files):
-            return Found(folder, {f.name: inner / f.name for f in spec.files})
+            return Found(folder, tuple((f.name, inner / f.name) for f in spec.files))
         if (folder / CIFAR_ARCHIVE).is_file():
             archive = folder / CIFAR_ARCHIVE
-            return Found(folder, {f.name: archive for f in spec.files}, archive=archive)
+            return Found(folder, tuple((f.name, archive) for f in spec.files), archive=archive)
         return None
-    paths = {}
+    paths = []
     for f in spec.files:
         hits = [folder / n for n in _names(f.name) if (folder / n).is_file()]
         if not hits:
             return None
-        paths[f.name] = hits[0]
-    return Found(folder, paths)
+        paths.append((f.name, hits[0]))
+    return Found(folder, tuple(paths))
 
 
 def find_files(spec: DatasetSpec, data_dir: Optional[PathLike] = None) -> Optional[Found]:

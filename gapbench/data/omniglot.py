@@ -41,7 +41,7 @@ def load_omniglot_set(spec, found) -> Tuple[np.ndarray, np.ndarray, np.ndarray, 
     """(train [N, 28, 28] float32 in [0, 1], train labels, test images, test labels) from ``chardata.mat``."""
     import scipy.io
 
-    path = found.paths["chardata.mat"]
+    path = found.path("chardata.mat")
     try:
         mat = scipy.io.loadmat(str(path))
     except Exception as exc:  # scipy raises many types for a damaged file

@@ -1,8 +1,6 @@
 """CIFAR-10 python batches on tiny files: layout, archive reading, 3-bit quantization, unsafe archives."""
 
-import io
 import pickle
-import tarfile
 
 import numpy as np
 import pytest
