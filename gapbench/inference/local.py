@@ -136,33 +136,44 @@ def fit_local(
         max_checks = max_steps // check_every
         trace = torch.full((max(max_checks, 1), num_points), float("nan"), dtype=torch.float64, device=device)
 
+        def gather(idx):
+            p = {k: (v[idx] if v.shape[0] == num_points else v) for k, v in params.items()}
+            return p, {k: opt[k][idx] for k in opt}, x[idx]
+
+        def scatter(idx, p, o):
+            for k in names:
+                params[k][idx] = p[k]
+            for k in opt:
+                opt[k][idx] = o[k]
+
         active = torch.arange(capacity, device=device)
         next_point = capacity
+        p_act, o_act, x_act = gather(active)  # the active datapoints' state, compact
         while active.numel() > 0:
             n = active.numel()
-            p = {k: (v[active] if v.shape[0] == num_points else v) for k, v in params.items()}
-            for k in names:
-                p[k].requires_grad_(True)
-            z, log_q = fam.sample_and_log_prob(p, num_samples, n)  # [S, n, D], [S, n]
-            loss = -(log_joint(model, x[active], z) - log_q).mean(0)  # [n]
-            grads = torch.autograd.grad(loss.sum(), [p[k] for k in names], allow_unused=True)
-            grads = [torch.zeros_like(p[k]) if g is None else g for k, g in zip(names, grads)]
+            p_grad = {k: (p_act[k].requires_grad_(True) if k in names else p_act[k]) for k in p_act}
+            z, log_q = fam.sample_and_log_prob(p_grad, num_samples, n)  # [S, n, D], [S, n]
+            loss = -(log_joint(model, x_act, z) - log_q).mean(0)  # [n]
+            grads = torch.autograd.grad(loss.sum(), [p_grad[k] for k in names], allow_unused=True)
+            grads = [torch.zeros_like(p_grad[k]) if g is None else g for k, g in zip(names, grads)]
             loss = loss.detach()
             ok = torch.isfinite(loss)
             for g in grads:
                 ok &= torch.isfinite(g.reshape(n, -1)).all(1)
+            all_ok = bool(ok.all())
             t = steps[active] + 1
             for k, g in zip(names, grads):
-                g = torch.where(ok.reshape((-1,) + (1,) * (g.dim() - 1)), g, torch.zeros_like(g))
-                new, m, v = adam_update(p[k].detach(), g, opt["m_" + k][active], opt["v_" + k][active], t, lr)
-                keep = ok.reshape((-1,) + (1,) * (new.dim() - 1))
-                params[k][active] = torch.where(keep, new, p[k].detach())
-                opt["m_" + k][active] = m
-                opt["v_" + k][active] = v
+                old = p_act[k].detach()
+                if not all_ok:
+                    g = torch.where(ok.reshape((-1,) + (1,) * (g.dim() - 1)), g, torch.zeros_like(g))
+                new, o_act["m_" + k], o_act["v_" + k] = adam_update(old, g, o_act["m_" + k], o_act["v_" + k], t, lr)
+                # A datapoint whose loss or gradient is not finite keeps its last parameters.
+                p_act[k] = new if all_ok else torch.where(ok.reshape((-1,) + (1,) * (new.dim() - 1)), new, old)
             steps[active] = torch.where(ok, t, steps[active])
             window[active] += torch.where(ok, loss.double(), torch.zeros_like(loss, dtype=torch.float64))
 
-            # The stopping rule, for the datapoints at a check.
+            # The stopping rule, for the datapoints at a check (all active ones share t % check_every
+            # unless the batch was refilled, so this branch is rare).
             done = ~ok
             at_check = ok & (t % check_every == 0)
             if bool(at_check.any()):
@@ -181,12 +192,14 @@ def fit_local(
             failed[active[~ok]] = True
 
             if bool(done.any()):
+                scatter(active, {k: v.detach() for k, v in p_act.items()}, o_act)
                 active = active[~done]
                 num_new = min(capacity - active.numel(), num_points - next_point)
                 if num_new > 0:
                     fresh = torch.arange(next_point, next_point + num_new, device=device)
                     active = torch.cat([active, fresh])
                     next_point += num_new
+                p_act, o_act, x_act = gather(active)
 
         q_star = fam.posterior({k: v.detach() for k, v in params.items()}, num_points)
         value, stderr = elbo_and_stderr(model, x, q_star, num_final_samples)
