@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from gapbench.errors import GapbenchError
-from gapbench.experiment import evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
-from gapbench.gaps import decompose, run_stage, stage_label, stage_names, summarize
+from gapbench.experiment import configure_threads, evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
+from gapbench.gaps import decompose, local_family_kwargs, local_init, run_stage, stage_label, stage_names, summarize
 from gapbench.io import load_torch, read_json, save_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,9 @@ class EvalSummary:
 def _check_overrides(overrides: Sequence[str]) -> None:
     for text in overrides:
         key = text.split("=", 1)[0].strip()
-        if not (key.startswith("evaluate.") or key == "device"):
+        if not (key.startswith("evaluate.") or key in ("device", "num_threads")):
             raise GapbenchError(
-                f"--set {key}: only evaluate.* settings (and device) can change after training; "
+                f"--set {key}: only evaluate.* settings (and device, num_threads) can change after training; "
                 "retrain with the recipe changed instead"
             )
 
@@ -104,6 +104,7 @@ def evaluate_run(
     cfg = recipe.evaluate
     dev = resolve_device(device or recipe.device)
     inputs = load_inputs(recipe)
+    configure_threads(recipe)
     x_all = evaluation_split(inputs, recipe, cfg.split)
     idx = select_points(x_all.shape[0], cfg.num_points, recipe.seed, cfg.split)
     model = load_trained_model(run, inputs, dev)
@@ -141,7 +142,12 @@ def evaluate_run(
                 result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed)}
             else:
                 xb = x_all[batches[b]].to(dev)
-                cols, traces = run_stage(stage, model, xb, cfg, seed)
+                fam_kwargs, init = None, None
+                if stage.startswith("local_"):
+                    family = stage.split("_", 1)[1]
+                    fam_kwargs = local_family_kwargs(family, cfg, recipe.model)
+                    init = _local_start(local_init(family, cfg), model, xb, partial, b)
+                cols, traces = run_stage(stage, model, xb, cfg, seed, fam_kwargs, init)
                 result = {
                     "columns": {k: v.detach().double().cpu() for k, v in cols.items()},
                     "traces": {k: v.detach().cpu() for k, v in traces.items()},
@@ -153,6 +159,21 @@ def evaluate_run(
         timings[stage] = time.time() - tic
 
     return _finish(run.path, cfg, recipe, idx, batches, stages, families, encoder_family, partial, timings, dev)
+
+
+def _local_start(where: str, model, x, partial: Path, batch: int):
+    """The posterior a local fit starts from: None (prior), the encoder's q, or this batch's FFG q*."""
+    if where == "prior":
+        return None
+    if where == "encoder":
+        with torch.no_grad():
+            return model.posterior(x).detach()
+    from gapbench.models.posterior import DiagonalGaussian
+
+    traces = _load(partial, "local_ffg", batch)["traces"]
+    fam = DiagonalGaussian(model.latent_dim)
+    params = {"mean": traces["ffg_mean"].to(x.device), "log_var": traces["ffg_log_var"].to(x.device)}
+    return fam.posterior(params)
 
 
 def _ais_sweep(model, x, cfg, seed) -> Dict[str, torch.Tensor]:

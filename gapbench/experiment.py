@@ -25,6 +25,12 @@ TRAIN_LOG_FILE = "train_log.csv"
 _SPLIT_SEED_OFFSET = {"train": 101, "valid": 202, "test": 303}
 
 
+def configure_threads(recipe: Recipe) -> None:
+    """Apply the recipe's CPU thread count (None keeps torch's default)."""
+    if recipe.num_threads is not None:
+        torch.set_num_threads(recipe.num_threads)
+
+
 def resolve_device(requested: Optional[str]) -> torch.device:
     """'auto' -> cuda when available, else cpu; 'cuda' where there is none is an error."""
     requested = requested or "auto"

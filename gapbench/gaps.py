@@ -23,7 +23,7 @@ datapoints, so an evaluation can save and resume batch by batch.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -35,8 +35,13 @@ Columns = Dict[str, torch.Tensor]
 
 
 def stage_names(cfg: EvaluateConfig, encoder_family: str) -> List[str]:
-    """The stages an evaluation runs: amortized ELBO, one local fit per family, IWAE, AIS."""
+    """The stages an evaluation runs: amortized ELBO, one local fit per family, IWAE, AIS.
+
+    The FFG fit comes first when flows start from it (``local.flow_init: ffg``).
+    """
     families = list(dict.fromkeys(list(cfg.families) + [encoder_family]))
+    if cfg.local.flow_init == "ffg" and any(f != "ffg" for f in families):
+        families = ["ffg"] + [f for f in families if f != "ffg"]
     names = ["amortized"] + [f"local_{f}" for f in families] + ["iwae"]
     if cfg.ais.enabled:
         names.append("ais")
@@ -51,8 +56,36 @@ def stage_label(stage: str) -> str:
     }.get(stage, f"L[q*_{stage.split('_', 1)[-1]}] (local)")
 
 
-def run_stage(stage: str, model, x: torch.Tensor, cfg: EvaluateConfig, seed: int) -> Tuple[Columns, Dict[str, torch.Tensor]]:
-    """Run one stage on a batch x [N, ...]: per-datapoint columns [N] and small traces."""
+def local_family_kwargs(family: str, cfg: EvaluateConfig, model_cfg) -> Dict:
+    """Sizes of a local flow: the evaluation's own, else the model's flow settings."""
+    if family not in ("flow", "realnvp"):
+        return {}
+    return {
+        "num_flow_steps": cfg.local.num_flow_steps or model_cfg.num_flow_steps,
+        "flow_hidden": cfg.local.flow_hidden or model_cfg.flow_hidden,
+    }
+
+
+def local_init(family: str, cfg: EvaluateConfig):
+    """Where the local fit of ``family`` starts: "prior", "encoder" or "ffg"."""
+    return cfg.local.init if family == "ffg" else cfg.local.flow_init
+
+
+def run_stage(
+    stage: str,
+    model,
+    x: torch.Tensor,
+    cfg: EvaluateConfig,
+    seed: int,
+    family_kwargs: Optional[Dict] = None,
+    init=None,
+) -> Tuple[Columns, Dict[str, torch.Tensor]]:
+    """Run one stage on a batch x [N, ...]: per-datapoint columns [N] and small traces.
+
+    ``init`` (local stages) is the posterior a local fit starts from; None is the prior.
+    Local FFG fits also return their parameters (``ffg_mean``, ``ffg_log_var``) in the traces,
+    so flows can start from them.
+    """
     from gapbench.inference import ais, fit_local, iwae
     from gapbench.inference.bounds import elbo_and_stderr
 
@@ -92,13 +125,15 @@ def run_stage(stage: str, model, x: torch.Tensor, cfg: EvaluateConfig, seed: int
             model,
             x,
             family=family,
-            lr=loc.lr,
+            init=init,
+            lr=loc.lr if family == "ffg" or loc.flow_lr is None else loc.flow_lr,
             num_samples=loc.num_samples,
             check_every=loc.check_every,
             patience=loc.patience,
             max_steps=loc.max_steps,
             num_final_samples=loc.num_final_samples,
             seed=seed,
+            family_kwargs=family_kwargs,
         )
         cols = {
             f"elbo_{family}": fit.elbo,
@@ -106,7 +141,10 @@ def run_stage(stage: str, model, x: torch.Tensor, cfg: EvaluateConfig, seed: int
             f"steps_{family}": fit.num_steps.double(),
             f"converged_{family}": fit.converged.double(),
         }
-        return cols, {"steps": fit.trace.steps, "elbo": fit.trace.elbo}
+        traces = {"steps": fit.trace.steps, "elbo": fit.trace.elbo}
+        if family == "ffg":
+            traces.update(ffg_mean=fit.params["mean"], ffg_log_var=fit.params["log_var"])
+        return cols, traces
     raise ValueError(f"unknown stage {stage!r}")
 
 

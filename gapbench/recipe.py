@@ -87,11 +87,20 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LocalConfig:
     lr: float = field(default=1e-3, metadata=_range(lo=0, lo_open=True))
+    # Adam's rate for flow families; null = lr. Flow weights are noisier to fit than a mean and variance.
+    flow_lr: Optional[float] = field(default=None, metadata=_range(lo=0, lo_open=True))
     num_samples: int = field(default=50, metadata=_range(lo=1))
     check_every: int = field(default=100, metadata=_range(lo=1))
     patience: int = field(default=10, metadata=_range(lo=1))
     max_steps: int = field(default=20000, metadata=_range(lo=1))
     num_final_samples: int = field(default=1000, metadata=_range(lo=1))
+    # Size of the local flows (families flow and realnvp); null = the model's own flow settings.
+    num_flow_steps: Optional[int] = field(default=None, metadata=_range(lo=1))
+    flow_hidden: Optional[int] = field(default=None, metadata=_range(lo=1))
+    # Where each fit starts: the prior N(0, I) (the paper), or the encoder's q. A flow can
+    # also start at the fitted FFG q* (its identity flow), which saves most of its steps.
+    init: Literal["prior", "encoder"] = "prior"
+    flow_init: Literal["prior", "encoder", "ffg"] = "prior"
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,8 @@ class Recipe:
     name: str = "experiment"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads for torch; null = torch's default (all cores). Small models run fastest on 1.
+    num_threads: Optional[int] = field(default=None, metadata=_range(lo=1))
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

@@ -29,6 +29,7 @@ from gapbench.experiment import (
     TRAIN_LOG_FILE,
     Inputs,
     build_model,
+    configure_threads,
     load_inputs,
     resolve_device,
     training_batch,
@@ -122,7 +123,9 @@ def _write_log(run_dir: Path, rows: List[Dict]) -> None:
 def _check_resume(recipe: Recipe, run_dir: Path) -> None:
     saved = load_recipe(run_dir / RECIPE_FILE)
     # What the model is and how it is trained must match; evaluation settings may differ.
-    mine = dataclasses.replace(recipe, device=saved.device, evaluate=saved.evaluate, name=saved.name)
+    mine = dataclasses.replace(
+        recipe, device=saved.device, evaluate=saved.evaluate, name=saved.name, num_threads=saved.num_threads
+    )
     if mine != saved:
         a, b = saved.to_dict(), mine.to_dict()
         diff = [f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s].get(k)]
@@ -152,6 +155,7 @@ def train_run(
         raise GapbenchError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose another --out")
 
     inputs = load_inputs(recipe)
+    configure_threads(recipe)
     torch.manual_seed(recipe.seed)
     model = build_model(recipe, inputs).to(dev)
     t = recipe.train
