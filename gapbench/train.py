@@ -122,9 +122,15 @@ def _write_log(run_dir: Path, rows: List[Dict]) -> None:
 
 def _check_resume(recipe: Recipe, run_dir: Path) -> None:
     saved = load_recipe(run_dir / RECIPE_FILE)
-    # What the model is and how it is trained must match; evaluation settings may differ.
+    # What the model is and how it is trained must match; evaluation settings may differ,
+    # and train.num_epochs may grow (train an existing run for longer).
     mine = dataclasses.replace(
-        recipe, device=saved.device, evaluate=saved.evaluate, name=saved.name, num_threads=saved.num_threads
+        recipe,
+        device=saved.device,
+        evaluate=saved.evaluate,
+        name=saved.name,
+        num_threads=saved.num_threads,
+        train=dataclasses.replace(recipe.train, num_epochs=saved.train.num_epochs),
     )
     if mine != saved:
         a, b = saved.to_dict(), mine.to_dict()

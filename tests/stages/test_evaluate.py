@@ -1,0 +1,120 @@
+"""evaluate-gaps, report and run on a tiny trained model: numbers, files, resume."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gapbench.evaluate import evaluate_run, select_points
+from gapbench.errors import GapbenchError
+from gapbench.report import make_report
+
+
+@pytest.fixture
+def run_copy(trained_tiny, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained_tiny, dst)
+    return dst
+
+
+def test_points_are_chosen_reproducibly_per_split():
+    a = select_points(300, 20, seed=0, split="test")
+    assert torch.equal(a, select_points(300, 20, seed=0, split="test"))
+    assert not torch.equal(a, select_points(300, 20, seed=1, split="test"))
+    assert torch.equal(a, a.sort().values) and len(set(a.tolist())) == 20
+    with pytest.raises(GapbenchError, match="has 300 datapoints; ask for at most 300"):
+        select_points(300, 301, seed=0, split="test")
+
+
+def test_evaluation_writes_every_estimate_and_gap_per_datapoint(run_copy):
+    summary = evaluate_run(run_copy)
+    df = pd.read_csv(run_copy / "gaps" / "test.csv")
+    assert len(df) == 12 and df["index"].is_monotonic_increasing
+    for col in ("elbo_q", "elbo_ffg", "elbo_flow", "iwae", "ais", "log_px", "approximation_gap",
+                "amortization_gap", "inference_gap", "converged_ffg", "steps_flow", "order_ok", "finite"):
+        assert col in df, col
+    # log p̂ is the larger of the two estimates, and the gaps add up, per datapoint
+    assert np.allclose(df.log_px, np.maximum(df.iwae, df.ais), atol=1e-5)
+    assert np.allclose(df.approximation_gap + df.amortization_gap, df.inference_gap, atol=1e-5)
+    assert np.allclose(df.amortization_gap, df.elbo_ffg - df.elbo_q, atol=1e-5)
+    # the order flag says exactly where a gap came out negative (kept, not clipped)
+    negative = (df.approximation_gap_ffg < 0) | (df.amortization_gap_ffg < 0) | (df.approximation_gap_flow < 0) | (df.amortization_gap_flow < 0)
+    assert (~df.order_ok.astype(bool) == negative).all()
+    js = json.loads((run_copy / "gaps" / "test.json").read_text())
+    assert js["num_order_violations"] == int(negative.sum())
+    for key in ("elbo_q", "log_px", "approximation_gap", "amortization_gap"):
+        assert js["stats"][key]["mean"] == pytest.approx(df[key].mean(), abs=1e-5)
+        assert js["stats"][key]["se"] == pytest.approx(df[key].std(ddof=1) / math.sqrt(len(df)), abs=1e-5)
+    # the tiny model's bounds are in the expected order on average
+    assert df.elbo_q.mean() < df.elbo_ffg.mean() < df.log_px.mean()
+    assert summary.summary["num_points"] == 12
+
+
+def test_report_table_matches_the_csv(run_copy, tmp_path):
+    evaluate_run(run_copy)
+    out = tmp_path / "report"
+    written = make_report([run_copy], out)
+    names = {p.name for p in written}
+    for base in ("gaps_stacked", "gap_distributions", "local_convergence", "ais_convergence"):
+        assert {f"{base}.png", f"{base}.pdf"} <= names
+    assert {"table.md", "table.tex", "table.csv"} <= names
+    df = pd.read_csv(run_copy / "gaps" / "test.csv")
+    table = pd.read_csv(out / "table.csv")
+    md = (out / "table.md").read_text()
+    for key in ("log_px", "elbo_ffg", "elbo_flow", "elbo_q", "approximation_gap", "amortization_gap", "inference_gap"):
+        row = table[table.quantity == key].iloc[0]
+        assert row["mean"] == pytest.approx(df[key].mean(), abs=1e-3)
+        assert row["se"] == pytest.approx(df[key].std(ddof=1) / math.sqrt(len(df)), abs=1e-3)
+        assert f"{df[key].mean():.2f} ± " in md
+    tex = (out / "table.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"$\pm$" in tex
+
+
+def test_an_interrupted_evaluation_resumes_to_the_same_result(run_copy, trained_tiny, tmp_path):
+    """SIGKILL evaluate-gaps after some batches; --resume recomputes nothing finished and ends identical."""
+    reference = tmp_path / "reference"
+    shutil.copytree(trained_tiny, reference)
+    evaluate_run(reference)
+
+    cmd = [sys.executable, "-m", "gapbench.cli", "evaluate-gaps", str(run_copy)]
+    partial = run_copy / "gaps" / ".partial" / "test"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(partial.glob("*.pt"))) < 4:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in partial.glob("*.pt")}
+    assert len(finished) >= 4 and not (run_copy / "gaps" / "test.csv").exists()
+    subprocess.run(cmd + ["--resume"], check=True, capture_output=True)
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path.name} was recomputed"
+    a = pd.read_csv(reference / "gaps" / "test.csv")
+    b = pd.read_csv(run_copy / "gaps" / "test.csv")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_run_pipeline_skips_finished_stages(tiny_recipe, tmp_path):
+    from gapbench.pipeline import run_pipeline
+
+    messages = []
+    run_dir, table = run_pipeline(tiny_recipe, out=str(tmp_path / "run"), stage_callback=messages.append)
+    assert "Approximation gap" in table and (run_dir / "report" / "gaps_stacked.png").is_file()
+    messages.clear()
+    run_pipeline(tiny_recipe, out=str(tmp_path / "run"), stage_callback=messages.append)
+    assert any("already trained, skipping" in m for m in messages)
+    assert any("up to date, skipping" in m for m in messages)
+    # a changed evaluation setting re-evaluates without retraining
+    messages.clear()
+    run_pipeline(tiny_recipe, overrides=["evaluate.num_points=6"], out=str(tmp_path / "run"), stage_callback=messages.append)
+    assert any("already trained" in m for m in messages) and not any("up to date" in m for m in messages)
+    assert len(pd.read_csv(tmp_path / "run" / "gaps" / "test.csv")) == 6
