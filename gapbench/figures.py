@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+FAMILY = {"ffg": "FFG", "flow": "Flow", "realnvp": "RealNVP"}
 APPROX_COLOR = "#4C72B0"
 AMORT_COLOR = "#DD8452"
 
@@ -20,7 +21,7 @@ def close(fig) -> None:
 
 def gaps_stacked(runs) -> "plt.Figure":
     """Approximation and amortization gap stacked per run: their sum is the inference gap."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(runs), 4))
+    fig, ax = plt.subplots(figsize=(2.6 + 1.4 * len(runs), 4))
     x = np.arange(len(runs))
     approx = np.array([r.summary["stats"]["approximation_gap"]["mean"] for r in runs])
     amort = np.array([r.summary["stats"]["amortization_gap"]["mean"] for r in runs])
@@ -29,13 +30,14 @@ def gaps_stacked(runs) -> "plt.Figure":
     ax.bar(x, approx, color=APPROX_COLOR, label="approximation gap  log p̂(x) − L[q*]", yerr=approx_se, capsize=3)
     ax.bar(x, amort, bottom=approx, color=AMORT_COLOR, label="amortization gap  L[q*] − L[q]", yerr=amort_se, capsize=3)
     for xi, total in zip(x, approx + amort):
-        ax.annotate(f"{total:.2f}", (xi, total), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+        ax.annotate(f"{total:.2f}", (xi, total), textcoords="offset points", xytext=(8, 2), ha="left", fontsize=8)
     ax.set_xticks(x)
     ax.set_xticklabels([r.label for r in runs], rotation=20, ha="right")
     ax.set_ylabel("gap (nats)")
-    ax.set_title("Inference gap = approximation + amortization")
+    ax.set_title("Inference gap =\napproximation + amortization", fontsize=10)
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(top=max(1e-9, float(np.nanmax(approx + amort))) * 1.15)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
     return fig
 
 
@@ -59,44 +61,56 @@ def gap_distributions(runs) -> "plt.Figure":
 
 
 def local_convergence(runs) -> "plt.Figure":
-    """Local optimization of q*: ELBO against Adam steps (mean over points, and single points)."""
-    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.4), squeeze=False)
+    """Local optimization of q*: ELBO − L[q] against Adam steps, per datapoint and on average.
+
+    Measured from each datapoint's own amortized ELBO, so curves of datapoints with very
+    different log p(x) share one scale: the curve ends at that point's amortization gap.
+    """
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False)
     for ax, r in zip(axes[0], runs):
         traces = r.summary.get("traces", {})
+        elbo_q = r.points["elbo_q"].to_numpy(dtype=float)
         for i, (stage, tr) in enumerate(sorted((k, v) for k, v in traces.items() if k.startswith("local_"))):
             color = f"C{i}"
             fam = stage.split("_", 1)[1]
             steps = np.array(tr["steps"], dtype=float)
-            for curve in tr["elbo_points"]:
-                ax.plot(steps, np.array(curve, dtype=float), color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, np.array(tr["elbo_mean"], dtype=float), color=color, linewidth=2, label=f"q*_{fam} (mean)")
-        elbo_q = r.summary["stats"]["elbo_q"]["mean"]
-        ax.axhline(elbo_q, color="gray", linestyle="--", linewidth=1, label="L[q] amortized (mean)")
+            for j, curve in enumerate(tr["elbo_points"]):
+                ax.plot(steps, np.array(curve, dtype=float) - elbo_q[j], color=color, alpha=0.3, linewidth=0.8)
+            mean = np.array(tr["elbo_mean"], dtype=float) - np.nanmean(elbo_q)
+            ax.plot(steps, mean, color=color, linewidth=2, label=f"q*_{FAMILY.get(fam, fam)}, mean over points")
+        ax.axhline(0, color="gray", linestyle="--", linewidth=1, label="amortized q (L[q])")
         ax.set_xlabel("Adam steps")
-        ax.set_ylabel("ELBO (nats)")
+        ax.set_ylabel("ELBO − L[q] (nats)")
         ax.set_title(r.label, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("Local optimization of q* (thin lines: single datapoints)", fontsize=10)
+    fig.suptitle("Local optimization of q* (thin lines: single datapoints; loss averaged per check)", fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def ais_convergence(runs) -> "plt.Figure":
-    """AIS estimate of log p(x) against the number of intermediate distributions (mean over sweep points)."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    """AIS estimate against the number of intermediate distributions, relative to the longest run.
+
+    Differences are paired per datapoint (the same points at every length), so the
+    error bars show AIS's own noise, not the spread of log p(x) across datapoints.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for i, r in enumerate(runs):
         sweep = r.summary.get("traces", {}).get("ais_sweep")
         if not sweep:
             continue
         steps = np.array(sweep["num_steps"], dtype=float)
         values = np.array(sweep["log_px"], dtype=float)  # [points, grid]
-        mean = np.nanmean(values, axis=0)
-        se = np.nanstd(values, axis=0, ddof=1) / np.sqrt(values.shape[0]) if values.shape[0] > 1 else 0 * mean
-        ax.errorbar(steps, mean, yerr=se, marker="o", color=f"C{i}", capsize=3, label=f"{r.label} AIS")
-        ax.set_xscale("log")
+        diff = values - values[:, -1:]
+        mean = np.nanmean(diff, axis=0)
+        n = values.shape[0]
+        se = np.nanstd(diff, axis=0, ddof=1) / np.sqrt(n) if n > 1 else 0 * mean
+        ax.errorbar(steps, mean, yerr=se, marker="o", color=f"C{i}", capsize=3, label=f"{r.label} ({n} points)")
+    ax.set_xscale("log")
+    ax.axhline(0, color="gray", linestyle="--", linewidth=1)
     ax.set_xlabel("intermediate distributions (AIS steps)")
-    ax.set_ylabel("mean AIS log p̂(x) (nats)")
-    ax.set_title("AIS convergence", fontsize=10)
+    ax.set_ylabel("AIS log p̂(x) − AIS at the most steps (nats)")
+    ax.set_title("AIS convergence: the estimate rises to log p(x) as chains lengthen", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
