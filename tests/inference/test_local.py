@@ -1,6 +1,5 @@
 """fit_local: recovers the optimal FFG of a linear-Gaussian model, per datapoint."""
 
-import math
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """The reference models' exact answers agree with each other."""
 
-import math
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 from gapbench.inference import elbo
 from gapbench.inference.bounds import elbo_and_stderr
 from gapbench.models.reference import LinearGaussian, QuadratureBernoulli, load_npz_vae
-from tests.inference.conftest import MNIST_VAE, make_linear_gaussian, simulate
+from tests.inference.conftest import simulate
 
 
 def test_linear_gaussian_exact_posterior_gives_zero_variance_weights(linear_gaussian, lg_data):
