@@ -1,6 +1,5 @@
 """The reference models' exact answers agree with each other."""
 
-
 import pytest
 import torch
 
