@@ -9,7 +9,7 @@ naming the key (and the closest valid one); nothing is silently ignored.
 
 ``base: other.yaml`` (relative to the recipe's folder) extends another recipe:
 the base is loaded first and this file's keys are merged over it, section by
-section.
+section. ``base: [a.yaml, b.yaml]`` merges several, later ones over earlier.
 """
 
 from __future__ import annotations
@@ -312,10 +312,14 @@ def _load_tree(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    if not isinstance(base, str):
-        raise RecipeError(f"{path.name}: base: expected a file name, got {base!r}")
-    base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
-    return _merge(_load_tree(base_path, seen + (path,)), data)
+    bases = base if isinstance(base, list) else [base]
+    merged: Dict[str, Any] = {}
+    for item in bases:
+        if not isinstance(item, str):
+            raise RecipeError(f"{path.name}: base: expected a file name or a list of them, got {base!r}")
+        base_path = (path.parent / item) if not os.path.isabs(item) else Path(item)
+        merged = _merge(merged, _load_tree(base_path, seen + (path,)))
+    return _merge(merged, data)
 
 
 def parse_override(text: str) -> Tuple[List[str], Any]:

@@ -153,3 +153,10 @@ def test_parser_never_fails_with_anything_but_a_recipe_error(tree):
     else:
         assert isinstance(r, Recipe)
         assert recipe_from_dict(yaml.safe_load(r.to_yaml())) == r
+
+
+def test_base_list_merges_in_order(tmp_path):
+    write(tmp_path / "a.yaml", "seed: 1\nmodel: {latent_dim: 20, activation: tanh}\n")
+    write(tmp_path / "b.yaml", "model: {latent_dim: 7}\ntrain: {num_epochs: 3}\n")
+    r = load_recipe(write(tmp_path / "c.yaml", "base: [a.yaml, b.yaml]\ntrain: {lr: 0.01}\n"))
+    assert (r.seed, r.model.latent_dim, r.model.activation, r.train.num_epochs, r.train.lr) == (1, 7, "tanh", 3, 0.01)
