@@ -33,9 +33,13 @@ class _TrainBar:
 
             self.bar = tqdm(total=self.total, initial=row["epoch"] - 1, desc="train", unit="epoch", dynamic_ncols=True)
         self.bar.update(1)
-        self.bar.set_postfix(
-            elbo=f"{row['train_elbo']:.2f}", valid=f"{row['valid_elbo']:.2f}", img_s=f"{row['images_per_s']:.0f}"
-        )
+        info = {"elbo": f"{row['train_elbo']:.2f}"}
+        if row["valid_elbo"] == row["valid_elbo"]:  # not NaN: validated this epoch
+            self.last_valid = f"{row['valid_elbo']:.2f}"
+        if getattr(self, "last_valid", None):
+            info["valid"] = self.last_valid
+        info["img/s"] = f"{row['images_per_s']:.0f}"
+        self.bar.set_postfix(info)
 
     def close(self) -> None:
         if self.bar is not None:
