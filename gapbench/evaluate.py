@@ -29,7 +29,7 @@ import torch
 from gapbench.errors import GapbenchError
 from gapbench.experiment import configure_threads, evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
 from gapbench.gaps import decompose, local_family_kwargs, local_init, run_stage, stage_label, stage_names, summarize
-from gapbench.io import load_torch, read_json, save_torch, write_json, write_text
+from gapbench.io import load_torch, read_json, remove_stale_temporaries, save_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,9 @@ def evaluate_run(
         if resume and stamp.exists():
             log.warning("the saved partial evaluation used other settings; starting over")
         shutil.rmtree(partial)
+    # Temporaries of writes killed mid-way (of this split only: another split may be evaluating).
+    remove_stale_temporaries(partial)
+    remove_stale_temporaries(gaps_dir, [f"{cfg.split}.csv", f"{cfg.split}.json"])
     if not stamp.exists():
         write_json(stamp, {"fingerprint": fingerprint, "settings": settings})
 

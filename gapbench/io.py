@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, List, Optional
 
 from gapbench.errors import GapbenchError
 
@@ -37,6 +37,28 @@ def atomic_path(path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(folder, names: Optional[Iterable[str]] = None) -> List[Path]:
+    """Delete the temporaries that atomic writes in ``folder`` left behind when their process was killed.
+
+    A kill between :func:`atomic_path`'s creating its temporary and its rename
+    leaves ``.<name>.<random>.tmp`` (as large as the file it was to become)
+    beside the target. ``names``: only those of these target names; None: all.
+    Call it only on a folder no live process is writing to (a resumed stage's own).
+    Returns the paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    patterns = [".*.tmp"] if names is None else [f".{name}.*.tmp" for name in names]
+    removed = []
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def write_bytes(path, data: bytes) -> None:

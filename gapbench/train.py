@@ -34,7 +34,15 @@ from gapbench.experiment import (
     resolve_device,
     training_batch,
 )
-from gapbench.io import git_commit, load_torch, output_dir, save_torch, write_json, write_text
+from gapbench.io import (
+    git_commit,
+    load_torch,
+    output_dir,
+    remove_stale_temporaries,
+    save_torch,
+    write_json,
+    write_text,
+)
 from gapbench.ops import logmeanexp
 from gapbench.recipe import Recipe, load_recipe
 from gapbench.schedules import kl_weight, learning_rate
@@ -159,6 +167,8 @@ def train_run(
         _check_resume(recipe, run_dir)
     elif ckpt_path.exists():
         raise GapbenchError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose another --out")
+    # A killed write leaves its temporary beside the target; this run's files are rewritten below.
+    remove_stale_temporaries(run_dir, [RECIPE_FILE, CHECKPOINT_FILE, TRAIN_LOG_FILE, META_FILE])
 
     inputs = load_inputs(recipe)
     configure_threads(recipe)
@@ -175,6 +185,10 @@ def train_run(
         except (KeyError, RuntimeError, ValueError) as exc:
             raise GapbenchError(f"{ckpt_path} does not fit this recipe's model ({type(exc).__name__}); retrain into a new --out") from None
         torch.set_rng_state(state["rng"])
+        if state["log"]:
+            # The checkpoint is written before the log, so a kill between the two leaves the log an
+            # epoch behind; rewrite it from the checkpoint, or a run killed there would lack its last row.
+            _write_log(run_dir, state["log"])
     else:
         with output_dir(run_dir):
             write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
