@@ -41,7 +41,7 @@ quickstart:
 	gapbench run recipes/quickstart.yaml
 
 bench:
-	$(PYTHON) benchmarks/bdmc_fixture.py
+	$(PYTHON) benchmarks/speed.py $(BENCH_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from gapbench.inference._common import check_batch, check_model, float_dtype, log_joint, seeded
-from gapbench.inference.adam import adam_init, adam_update
+from gapbench.inference.adam import adam_update
 from gapbench.inference.bounds import elbo_and_stderr
 from gapbench.models.posterior import Family, FamilyPosterior, as_posterior, get_family
 
@@ -124,7 +124,14 @@ def fit_local(
         init_q = None if init is None else as_posterior(init)
         params = _per_point(fam.init_params(num_points, init=init_q, device=device, dtype=dtype), num_points)
         names = [k for k, v in params.items() if v.is_floating_point()]
-        opt = adam_init({k: params[k] for k in names})
+        shapes = [tuple(params[k].shape[1:]) for k in names]
+        sizes = [params[k][:1].numel() for k in names]
+        # Every floating parameter of a datapoint lives in one row of a contiguous [N, P]
+        # buffer, so that Adam, the finiteness check, gathering and scattering are one
+        # tensor operation each instead of one per parameter tensor (a flow has dozens).
+        flat = torch.cat([params[k].reshape(num_points, -1) for k in names], dim=1)  # [N, P]
+        m_all, v_all = torch.zeros_like(flat), torch.zeros_like(flat)
+        fixed = {k: v for k, v in params.items() if k not in names}
 
         steps = torch.zeros(num_points, dtype=torch.long, device=device)
         window = torch.zeros(num_points, dtype=torch.float64, device=device)
@@ -136,39 +143,35 @@ def fit_local(
         max_checks = max_steps // check_every
         trace = torch.full((max(max_checks, 1), num_points), float("nan"), dtype=torch.float64, device=device)
 
-        def gather(idx):
-            p = {k: (v[idx] if v.shape[0] == num_points else v) for k, v in params.items()}
-            return p, {k: opt[k][idx] for k in opt}, x[idx]
-
-        def scatter(idx, p, o):
-            for k in names:
-                params[k][idx] = p[k]
-            for k in opt:
-                opt[k][idx] = o[k]
+        def unflatten(rows: Tensor, idx) -> Dict[str, Tensor]:
+            """The parameter dict of the datapoints ``idx`` from their rows [n, P] (views, differentiable)."""
+            n = rows.shape[0]
+            p = {k: (v[idx] if v.shape[0] == num_points else v) for k, v in fixed.items()}
+            for k, shape, part in zip(names, shapes, rows.split(sizes, dim=1)):
+                p[k] = part.reshape((n,) + shape)
+            return p
 
         active = torch.arange(capacity, device=device)
         next_point = capacity
-        p_act, o_act, x_act = gather(active)  # the active datapoints' state, compact
+        # The active datapoints' state, compact: parameters, Adam moments, data.
+        f_act, m_act, v_act, x_act = flat[active], m_all[active], v_all[active], x[active]
         while active.numel() > 0:
             n = active.numel()
-            p_grad = {k: (p_act[k].requires_grad_(True) if k in names else p_act[k]) for k in p_act}
-            z, log_q = fam.sample_and_log_prob(p_grad, num_samples, n)  # [S, n, D], [S, n]
+            leaf = f_act.requires_grad_(True)
+            z, log_q = fam.sample_and_log_prob(unflatten(leaf, active), num_samples, n)  # [S, n, D], [S, n]
             loss = -(log_joint(model, x_act, z) - log_q).mean(0)  # [n]
-            grads = torch.autograd.grad(loss.sum(), [p_grad[k] for k in names], allow_unused=True)
-            grads = [torch.zeros_like(p_grad[k]) if g is None else g for k, g in zip(names, grads)]
+            (grad,) = torch.autograd.grad(loss.sum(), [leaf], allow_unused=True)
+            grad = torch.zeros_like(f_act) if grad is None else grad  # [n, P]
             loss = loss.detach()
-            ok = torch.isfinite(loss)
-            for g in grads:
-                ok &= torch.isfinite(g.reshape(n, -1)).all(1)
+            ok = torch.isfinite(loss) & torch.isfinite(grad).all(1)
             all_ok = bool(ok.all())
             t = steps[active] + 1
-            for k, g in zip(names, grads):
-                old = p_act[k].detach()
-                if not all_ok:
-                    g = torch.where(ok.reshape((-1,) + (1,) * (g.dim() - 1)), g, torch.zeros_like(g))
-                new, o_act["m_" + k], o_act["v_" + k] = adam_update(old, g, o_act["m_" + k], o_act["v_" + k], t, lr)
-                # A datapoint whose loss or gradient is not finite keeps its last parameters.
-                p_act[k] = new if all_ok else torch.where(ok.reshape((-1,) + (1,) * (new.dim() - 1)), new, old)
+            old = f_act.detach()
+            if not all_ok:
+                grad = torch.where(ok[:, None], grad, torch.zeros_like(grad))
+            new, m_act, v_act = adam_update(old, grad, m_act, v_act, t, lr)
+            # A datapoint whose loss or gradient is not finite keeps its last parameters.
+            f_act = new if all_ok else torch.where(ok[:, None], new, old)
             steps[active] = torch.where(ok, t, steps[active])
             window[active] += torch.where(ok, loss.double(), torch.zeros_like(loss, dtype=torch.float64))
 
@@ -192,15 +195,16 @@ def fit_local(
             failed[active[~ok]] = True
 
             if bool(done.any()):
-                scatter(active, {k: v.detach() for k, v in p_act.items()}, o_act)
+                flat[active], m_all[active], v_all[active] = f_act, m_act, v_act
                 active = active[~done]
                 num_new = min(capacity - active.numel(), num_points - next_point)
                 if num_new > 0:
                     fresh = torch.arange(next_point, next_point + num_new, device=device)
                     active = torch.cat([active, fresh])
                     next_point += num_new
-                p_act, o_act, x_act = gather(active)
+                f_act, m_act, v_act, x_act = flat[active], m_all[active], v_all[active], x[active]
 
+        params = unflatten(flat, slice(None))
         q_star = fam.posterior({k: v.detach() for k, v in params.items()}, num_points)
         value, stderr = elbo_and_stderr(model, x, q_star, num_final_samples)
 

@@ -1,0 +1,392 @@
+"""Speed and accuracy of gapbench's estimators against straightforward reference implementations.
+
+For each estimator (local FFG, local flow, AIS, IWAE-5000), on the pretrained
+MNIST VAE (latent 50; data simulated from it, z ~ p(z), x ~ p(x|z)) and on a
+quickstart-sized VAE (latent 8, trained here for a few seconds on
+scikit-learn's digits with recipes/quickstart.yaml), runs gapbench's estimator
+and the reference of ``benchmarks/reference_impl.py`` side by side in one
+process, and prints one markdown table: wall time, throughput (datapoints/s),
+peak memory and accuracy of each, and the speedup.
+
+    python benchmarks/speed.py              # the full table, about 10 minutes on 2 CPU cores
+    python benchmarks/speed.py --quick      # a smoke run with tiny sizes, about a minute
+    python benchmarks/speed.py --threads 2  # torch intra-op threads (default 1)
+
+Comparisons:
+
+* local fits "equal settings": both start at the same q (the encoder's q for FFG,
+  gapbench's fitted q*_FFG for the flow) with the same Adam, samples and
+  stopping rule; the ratio is what batching the datapoints buys.
+* local FFG "equal ELBO": gapbench from the encoder's q against the reference
+  from the prior (as the published code starts), same stopping rule; the mean
+  final ELBOs must agree within 0.05 nats.
+* AIS "equal settings": forward and reverse AIS (BDMC) from the prior, same
+  schedule, chains and leapfrog steps; "equal BDMC width": gapbench from the
+  encoder's q with the fewest steps (of a short ladder) whose sandwich is no
+  wider than the reference's from the prior.
+* IWAE-5000: the encoder's q as proposal; accuracy is the distance below the
+  tightest BDMC upper bound measured on the same points.
+
+Peak memory is the rise of the process's peak resident set size (Linux VmHWM,
+reset before each case through /proc/self/clear_refs) above its resident size
+at the case's start; where that reset is not possible, the rise of
+getrusage's ru_maxrss (0 unless the case sets a new peak for the process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference_impl import ais_no_reuse, fit_local_one_at_a_time, iwae_one_at_a_time  # noqa: E402
+
+from gapbench.inference import ais, ais_reverse, fit_local, iwae  # noqa: E402
+from gapbench.models.reference import load_npz_vae  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO.parent / "shared" / "fixtures" / "mnist_vae_bdmc.npz"
+
+# Local-fit settings of recipes/quickstart.yaml (evaluate.local), used by both implementations.
+LOCAL = dict(num_samples=50, check_every=50, patience=4, max_steps=5000, num_final_samples=1000)
+FFG_LR, FLOW_LR = 1e-2, 1e-3
+FLOW_KWARGS = dict(num_flow_steps=2, flow_hidden=32)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _status_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
+MEMORY_METHOD = "VmHWM" if _reset_peak() else "ru_maxrss"
+
+
+@dataclass
+class Measured:
+    value: object
+    seconds: float
+    peak_mb: float
+
+
+def measure(fn: Callable[[], object]) -> Measured:
+    """Run fn once: its result, wall seconds and peak memory rise in MB (see the module docstring)."""
+    if MEMORY_METHOD == "VmHWM":
+        _reset_peak()
+        start_kb = _status_kb("VmRSS")
+    else:
+        start_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    value = fn()
+    seconds = time.perf_counter() - t0
+    if MEMORY_METHOD == "VmHWM":
+        peak_kb = _status_kb("VmHWM") - start_kb
+    else:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_kb
+    return Measured(value, seconds, max(peak_kb, 0) / 1024)
+
+
+@dataclass
+class Row:
+    model: str
+    estimator: str
+    compared_at: str
+    num_points: int
+    ours: Measured
+    ref: Measured
+    ours_settings: str
+    ref_settings: str
+    ours_accuracy: str
+    ref_accuracy: str
+    target: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        return self.ref.seconds / self.ours.seconds
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        ok = self.speedup >= self.target and self.extra.get("accuracy_ok", True)
+        return f"{'met' if ok else 'MISSED'} (>= {self.target:g}x)"
+
+
+def _mean(t: torch.Tensor) -> float:
+    t = t[torch.isfinite(t)]
+    return float(t.mean()) if t.numel() else math.nan
+
+
+# --------------------------------------------------------------------------- models
+
+
+def mnist_model(fixture: Path):
+    model = load_npz_vae(fixture).requires_grad_(False)
+
+    def simulate(num_points: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(num_points, model.latent_dim, generator=gen)
+        return z, model.sample_x(z, generator=gen)
+
+    return model, simulate
+
+
+def digits_model(num_epochs: int, threads: int):
+    """The quickstart VAE, trained for ``num_epochs`` epochs into a temporary folder."""
+    import logging
+
+    from gapbench.experiment import load_inputs, load_trained_model, open_run
+    from gapbench.recipe import load_recipe
+    from gapbench.train import train_run
+
+    logging.getLogger("gapbench").setLevel(logging.WARNING)
+    overrides = [f"train.num_epochs={num_epochs}", f"num_threads={threads}"]
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = train_run(recipe, Path(tmp) / "run")
+        seconds = time.perf_counter() - t0
+        run = open_run(Path(tmp) / "run")
+        model = load_trained_model(run, load_inputs(run.recipe), torch.device("cpu")).requires_grad_(False)
+
+    def simulate(num_points: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(num_points, model.latent_dim, generator=gen)
+        with torch.no_grad():
+            logits = model.decode(z.unsqueeze(0)).reshape(num_points, -1)
+        x = torch.bernoulli(torch.sigmoid(logits), generator=gen)
+        return z, x.reshape(num_points, *model.input_shape)
+
+    note = f"trained {result.num_epochs} epochs in {seconds:.0f} s, test ELBO {result.test_elbo:.2f}"
+    return model, simulate, note
+
+
+# --------------------------------------------------------------------------- the comparisons
+
+
+def bench_model(name: str, model, simulate, num_points: int, ais_points: int, cfg, seed: int, log) -> List[Row]:
+    rows: List[Row] = []
+    _, x = simulate(num_points, seed)
+    encoder_q = model.posterior(x).detach()
+    local = dict(LOCAL, max_steps=cfg.max_steps)
+    desc = f"lr {FFG_LR:g}, {local['num_samples']} samples, check every {local['check_every']}, patience {local['patience']}"
+
+    # Local FFG, equal settings: both from the encoder's q.
+    log(f"{name}: local FFG, gapbench")
+    ours = measure(lambda: fit_local(model, x, "ffg", init=encoder_q, lr=FFG_LR, seed=seed, **local))
+    log(f"{name}: local FFG, reference from the encoder's q")
+    ref = measure(lambda: fit_local_one_at_a_time(model, x, "ffg", init=encoder_q, lr=FFG_LR, seed=seed + 1, **local))
+    fit = ours.value
+    diff = _mean(fit.elbo) - _mean(ref.value.elbo)
+    rows.append(Row(
+        name, "local FFG", "equal settings", num_points, ours, ref,
+        f"batched, from q(z|x), {desc}", f"one at a time, from q(z|x), {desc}",
+        f"L[q*] {_mean(fit.elbo):.2f}, {fit.num_steps.double().mean():.0f} steps",
+        f"L[q*] {_mean(ref.value.elbo):.2f} ({diff:+.3f}), {ref.value.num_steps.double().mean():.0f} steps",
+    ))
+    # Local FFG, equal final ELBO: the reference from the prior, as published.
+    log(f"{name}: local FFG, reference from the prior")
+    ref_prior = measure(lambda: fit_local_one_at_a_time(model, x, "ffg", init=None, lr=FFG_LR, seed=seed + 2, **local))
+    diff = _mean(fit.elbo) - _mean(ref_prior.value.elbo)
+    rows.append(Row(
+        name, "local FFG", "equal final ELBO", num_points, ours, ref_prior,
+        "batched, from q(z|x)", "one at a time, from the prior",
+        f"L[q*] {_mean(fit.elbo):.2f}, {fit.num_steps.double().mean():.0f} steps",
+        f"L[q*] {_mean(ref_prior.value.elbo):.2f} ({diff:+.3f}), {ref_prior.value.num_steps.double().mean():.0f} steps",
+        target=5.0, extra={"accuracy_ok": abs(diff) <= 0.05, "elbo_diff": diff},
+    ))
+
+    # Local flow, equal settings: both from gapbench's q*_FFG (identity flow).
+    ffg_q = fit.q
+    flow_desc = f"lr {FLOW_LR:g}, {FLOW_KWARGS['num_flow_steps']} steps x {FLOW_KWARGS['flow_hidden']} hidden"
+    log(f"{name}: local flow, gapbench")
+    ours = measure(lambda: fit_local(model, x, "flow", init=ffg_q, lr=FLOW_LR, seed=seed, family_kwargs=FLOW_KWARGS, **local))
+    log(f"{name}: local flow, reference")
+    ref = measure(lambda: fit_local_one_at_a_time(model, x, "flow", init=ffg_q, lr=FLOW_LR, seed=seed,
+                                                  family_kwargs=FLOW_KWARGS, **local))
+    diff = _mean(ours.value.elbo) - _mean(ref.value.elbo)
+    rows.append(Row(
+        name, "local flow", "equal settings", num_points, ours, ref,
+        f"batched, from q*_FFG, {flow_desc}", "one at a time, same",
+        f"L[q*] {_mean(ours.value.elbo):.2f}, {ours.value.num_steps.double().mean():.0f} steps",
+        f"L[q*] {_mean(ref.value.elbo):.2f} ({diff:+.3f}), {ref.value.num_steps.double().mean():.0f} steps",
+        target=5.0, extra={"accuracy_ok": abs(diff) <= 0.05, "elbo_diff": diff},
+    ))
+
+    # AIS: forward + reverse (BDMC) on simulated data.
+    z_true, x_ais = simulate(ais_points, seed + 100)
+    q_ais = model.posterior(x_ais).detach()
+    chains, leap, t_eq = cfg.ais_chains, 10, cfg.ais_steps
+
+    def bdmc_ours(num_steps, init):
+        kw = dict(num_steps=num_steps, num_chains=chains, num_leapfrog=leap, init=init, seed=seed)
+        lower = ais(model, x_ais, **kw)
+        upper = ais_reverse(model, x_ais, z_true, **kw)
+        return lower.log_px, upper.log_px
+
+    def bdmc_ref(num_steps):
+        kw = dict(num_steps=num_steps, num_chains=chains, num_leapfrog=leap)
+        lower = ais_no_reuse(model, x_ais, seed=seed + 3, **kw)
+        upper = ais_no_reuse(model, x_ais, z_start=z_true, seed=seed + 4, **kw)
+        return lower.log_px, upper.log_px
+
+    def width(m):
+        return _mean(m.value[1] - m.value[0])
+
+    log(f"{name}: AIS from the prior, T = {t_eq}, gapbench")
+    ours = measure(lambda: bdmc_ours(t_eq, None))
+    log(f"{name}: AIS from the prior, T = {t_eq}, reference")
+    ref = measure(lambda: bdmc_ref(t_eq))
+    ais_desc = f"forward + reverse, T = {t_eq}, {chains} chains, {leap} leapfrog"
+    rows.append(Row(
+        name, "AIS (BDMC)", "equal settings", ais_points, ours, ref,
+        f"from the prior, {ais_desc}", f"from the prior, {ais_desc}",
+        f"width {width(ours):.2f} nats", f"width {width(ref):.2f} nats", target=2.0,
+    ))
+    uppers = [ours.value[1], ref.value[1]]
+    ladder = []
+    for t in cfg.ais_ladder:
+        log(f"{name}: AIS from q(z|x), T = {t}, gapbench")
+        m = measure(lambda: bdmc_ours(t, q_ais))
+        ladder.append((t, m))
+        uppers.append(m.value[1])
+        if width(m) <= width(ref):
+            break
+    t_enc, enc = ladder[-1]
+    ok = width(enc) <= width(ref)
+    rows.append(Row(
+        name, "AIS (BDMC)", "equal BDMC width", ais_points, enc, ref,
+        f"from q(z|x), T = {t_enc}", f"from the prior, T = {t_eq}",
+        f"width {width(enc):.2f} nats" + ("" if ok else " (wider)"), f"width {width(ref):.2f} nats",
+        target=10.0, extra={"accuracy_ok": ok, "ladder": [(t, width(m), m.seconds) for t, m in ladder]},
+    ))
+
+    # IWAE-5000 with the encoder's q, on the AIS points (their BDMC upper bounds say how tight it is).
+    best_upper = torch.stack(uppers).min(0).values
+    log(f"{name}: IWAE-5000")
+    ours = measure(lambda: iwae(model, x_ais, q_ais, num_samples=cfg.iwae_samples, seed=seed))
+    ref = measure(lambda: iwae_one_at_a_time(model, x_ais, q_ais, num_samples=cfg.iwae_samples))
+    rows.append(Row(
+        name, f"IWAE-{cfg.iwae_samples}", "equal settings", ais_points, ours, ref,
+        "all points at once, chunked", "one point at a time, 1,000 samples a pass",
+        f"{_mean(best_upper - ours.value):.2f} below BDMC upper", f"{_mean(best_upper - ref.value):.2f} below BDMC upper",
+    ))
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(rows: List[Row]) -> str:
+    head = ("| model | estimator | compared at | points | gapbench s | reference s | speedup | gapbench pts/s "
+            "| reference pts/s | gapbench peak MB | reference peak MB | gapbench accuracy | reference accuracy | target |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.estimator} | {r.compared_at} | {r.num_points} | {r.ours.seconds:.2f} | {r.ref.seconds:.2f} "
+            f"| **{r.speedup:.1f}x** | {r.num_points / r.ours.seconds:.2f} | {r.num_points / r.ref.seconds:.2f} "
+            f"| {r.ours.peak_mb:.0f} | {r.ref.peak_mb:.0f} | {r.ours_accuracy} | {r.ref_accuracy} | {r.verdict()} |"
+        )
+    return "\n".join(lines)
+
+
+def settings_lines(rows: List[Row]) -> str:
+    out = []
+    for r in rows:
+        out.append(f"* {r.model} / {r.estimator} / {r.compared_at}: gapbench {r.ours_settings}; reference {r.ref_settings}")
+        if "ladder" in r.extra:
+            steps = ", ".join(f"T={t}: width {w:.2f} in {s:.1f} s" for t, w, s in r.extra["ladder"])
+            out.append(f"  gapbench from q(z|x): {steps}")
+    return "\n".join(out)
+
+
+@dataclass
+class Config:
+    mnist_points: int
+    mnist_ais_points: int
+    digits_points: int
+    digits_ais_points: int
+    ais_steps: int
+    ais_chains: int
+    ais_ladder: tuple
+    iwae_samples: int
+    max_steps: int
+    digits_epochs: int
+
+
+FULL = Config(8, 6, 40, 16, 200, 16, (10, 20, 40, 80), 5000, 3000, 20)
+QUICK = Config(3, 2, 6, 4, 20, 4, (5, 10, 20), 1000, 300, 3)
+
+
+def main(argv=None) -> List[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--fixture", type=Path, default=FIXTURE, help="the pretrained MNIST VAE (.npz)")
+    parser.add_argument("--models", nargs="+", default=["mnist", "digits"], choices=["mnist", "digits"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - started:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    rows, notes = [], []
+    if "mnist" in args.models:
+        if args.fixture.is_file():
+            model, simulate = mnist_model(args.fixture)
+            rows += bench_model("MNIST VAE", model, simulate, cfg.mnist_points, cfg.mnist_ais_points, cfg, args.seed, log)
+        else:
+            notes.append(f"MNIST VAE skipped: no weights at {args.fixture}")
+    if "digits" in args.models:
+        log("digits: training the quickstart VAE")
+        model, simulate, note = digits_model(cfg.digits_epochs, args.threads)
+        torch.set_num_threads(args.threads)
+        notes.append(f"digits VAE: recipes/quickstart.yaml, {note}")
+        rows += bench_model("digits VAE", model, simulate, cfg.digits_points, cfg.digits_ais_points, cfg, args.seed, log)
+
+    print(f"gapbench speed benchmark{' (--quick)' if args.quick else ''}: {platform.machine()} CPU, "
+          f"{os.cpu_count()} cores shared with other processes (timings vary with their load), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"peak memory by {MEMORY_METHOD}, total {time.perf_counter() - started:.0f} s\n")
+    print(table(rows))
+    print()
+    print(settings_lines(rows))
+    for note in notes:
+        print(f"* {note}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

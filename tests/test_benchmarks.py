@@ -1,0 +1,121 @@
+"""The speed benchmark's reference implementations compute what gapbench computes, and the benchmark runs.
+
+On a linear-Gaussian model log p(x), the posterior and the optimal FFG are
+known in closed form, so each reference estimator is checked against the exact
+value (and so against gapbench's estimator, which the inference tests check the
+same way); then one model's worth of the benchmark runs at tiny sizes.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gapbench.inference import ais, ais_reverse, fit_local
+from gapbench.models.posterior import DiagonalGaussian
+from gapbench.models.reference import LinearGaussian
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import reference_impl  # noqa: E402
+import speed  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def model():
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    W[:, 1:] = 0.3 * W[:, :1] + 0.7 * W[:, 1:]  # a correlated posterior: a real approximation gap
+    return LinearGaussian(W, torch.randn(5, generator=gen, dtype=torch.float64), 0.7)
+
+
+@pytest.fixture
+def data(model):
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    torch.manual_seed(1)
+    return z, model.sample_x(z)
+
+
+def test_iwae_reference_is_exact_with_the_posterior_as_proposal(model, data):
+    # w = p(x, z) / p(z|x) = p(x) for every z: the bound is log p(x) up to rounding.
+    _, x = data
+    got = reference_impl.iwae_one_at_a_time(model, x, model.posterior(x), num_samples=50, chunk_size=20)
+    torch.testing.assert_close(got, model.log_marginal(x), atol=1e-9, rtol=0)
+
+
+def test_local_reference_reaches_the_optimal_ffg_like_gapbench(model, data):
+    _, x = data
+    x = x[:2]
+    mean, log_var = model.optimal_ffg(x)
+    exact = model.log_marginal(x) - model.kl_to_posterior(mean, log_var, x)  # L[q*_FFG]
+    settings = dict(lr=5e-2, num_samples=50, check_every=30, patience=3, max_steps=600, num_final_samples=10_000)
+    torch.manual_seed(0)
+    ref = reference_impl.fit_local_one_at_a_time(model, x, "ffg", seed=0, **settings)
+    ours = fit_local(model, x, "ffg", seed=0, **settings)
+    # The ELBO is flat at its optimum (a nat moves by the square of the parameter error);
+    # 10,000 final samples put the Monte Carlo error near 0.01.
+    assert (ref.elbo - exact).abs().max() < 0.05
+    assert (ref.elbo.mean() - ours.elbo.mean()).abs() < 0.03
+    assert bool(ref.converged.all()) and (ref.num_steps % 30 == 0).all()
+
+
+def test_ais_reference_is_gapbench_ais_without_reuse(model, data):
+    # Same algorithm, same random draws in the same order: only the bookkeeping differs,
+    # so at one seed both directions agree to rounding.
+    z, x = data
+    kw = dict(num_steps=40, num_chains=8, num_leapfrog=5)
+    torch.testing.assert_close(reference_impl.ais_no_reuse(model, x, seed=3, **kw).log_px,
+                               ais(model, x, seed=3, **kw).log_px, atol=1e-6, rtol=0)
+    torch.testing.assert_close(reference_impl.ais_no_reuse(model, x, z_start=z, seed=4, **kw).log_px,
+                               ais_reverse(model, x, z, seed=4, **kw).log_px, atol=1e-6, rtol=0)
+
+
+class _WithEncoder(torch.nn.Module):
+    """The linear-Gaussian model with its exact posterior's diagonal as the 'encoder' q(z|x)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.latent_dim = base, base.latent_dim
+
+    def log_prior(self, z):
+        return self.base.log_prior(z)
+
+    def log_likelihood(self, x, z):
+        return self.base.log_likelihood(x, z)
+
+    def posterior(self, x):
+        mean, cov = self.base.posterior_moments(x)
+        log_var = torch.diagonal(cov).log().expand_as(mean)
+        return DiagonalGaussian(self.latent_dim).posterior({"mean": mean, "log_var": log_var}, x.shape[0])
+
+
+def test_benchmark_runs_and_prints_every_comparison(model, capsys):
+    wrapped = _WithEncoder(model)
+
+    def simulate(num_points, seed):
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(num_points, 2, generator=gen, dtype=torch.float64)
+        torch.manual_seed(seed)
+        return z, model.sample_x(z)
+
+    cfg = speed.Config(3, 2, 3, 2, ais_steps=8, ais_chains=4, ais_ladder=(2,), iwae_samples=100,
+                       max_steps=60, digits_epochs=1)
+    rows = speed.bench_model("toy", wrapped, simulate, 3, 2, cfg, seed=0, log=lambda msg: None)
+    assert [(r.estimator, r.compared_at) for r in rows] == [
+        ("local FFG", "equal settings"), ("local FFG", "equal final ELBO"), ("local flow", "equal settings"),
+        ("AIS (BDMC)", "equal settings"), ("AIS (BDMC)", "equal BDMC width"), ("IWAE-100", "equal settings"),
+    ]
+    for r in rows:
+        assert r.ours.seconds > 0 and r.ref.seconds > 0 and r.ours.peak_mb >= 0
+    text = speed.table(rows)
+    assert text.count("\n") == len(rows) + 1 and "| toy | local FFG | equal final ELBO | 3 |" in text
