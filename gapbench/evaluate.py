@@ -28,7 +28,7 @@ import torch
 
 from gapbench.errors import GapbenchError
 from gapbench.experiment import configure_threads, evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
-from gapbench.gaps import decompose, local_family_kwargs, local_init, run_stage, stage_label, stage_names, summarize
+from gapbench.gaps import decompose, local_family_kwargs, local_init, run_ais, run_stage, stage_label, stage_names, summarize
 from gapbench.io import load_torch, read_json, remove_stale_temporaries, save_torch, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -181,16 +181,8 @@ def _local_start(where: str, model, x, partial: Path, batch: int):
 
 def _ais_sweep(model, x, cfg, seed) -> Dict[str, torch.Tensor]:
     """AIS log p̂(x) at a grid of num_steps on a few points: [len(grid)] steps and [len(grid), n] estimates."""
-    from gapbench.inference import ais
-
-    a = cfg.ais
-    grid = sorted({max(2, int(round(a.num_steps * f))) for f in AIS_SWEEP_FRACTIONS})
-    init = model.posterior(x) if a.init == "encoder" else None
-    values = []
-    for steps in grid:
-        res = ais(model, x, num_steps=steps, num_chains=a.num_chains, num_leapfrog=a.num_leapfrog,
-                  schedule=a.schedule, init=init, seed=seed)
-        values.append(res.log_px.detach().double().cpu())
+    grid = sorted({max(2, int(round(cfg.ais.num_steps * f))) for f in AIS_SWEEP_FRACTIONS})
+    values = [run_ais(model, x, cfg, seed, num_steps=steps).log_px.detach().double().cpu() for steps in grid]
     return {"steps": torch.tensor(grid), "log_px": torch.stack(values)}
 
 

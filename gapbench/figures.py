@@ -54,7 +54,7 @@ def gap_distributions(runs) -> "plt.Figure":
         ax.set_xlabel("gap per datapoint (nats)")
         ax.set_ylabel("datapoints")
         ax.set_title(r.label, fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper right")
     fig.suptitle("Distribution of the gaps over datapoints", fontsize=10)
     fig.tight_layout()
     return fig
@@ -82,7 +82,7 @@ def local_convergence(runs) -> "plt.Figure":
         ax.set_xlabel("Adam steps")
         ax.set_ylabel("ELBO − L[q] (nats)")
         ax.set_title(r.label, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("Local optimization of q* (thin lines: single datapoints; loss averaged per check)", fontsize=10)
     fig.tight_layout()
     return fig

@@ -86,7 +86,7 @@ def run_stage(
     Local FFG fits also return their parameters (``ffg_mean``, ``ffg_log_var``) in the traces,
     so flows can start from them.
     """
-    from gapbench.inference import ais, fit_local, iwae
+    from gapbench.inference import fit_local, iwae
     from gapbench.inference.bounds import elbo_and_stderr
 
     torch.manual_seed(seed)
@@ -100,18 +100,7 @@ def run_stage(
             value = iwae(model, x, model.posterior(x), num_samples=cfg.iwae_samples, seed=seed)
         return {"iwae": value}, {}
     if stage == "ais":
-        a = cfg.ais
-        init = model.posterior(x) if a.init == "encoder" else None
-        res = ais(
-            model,
-            x,
-            num_steps=a.num_steps,
-            num_chains=a.num_chains,
-            num_leapfrog=a.num_leapfrog,
-            schedule=a.schedule,
-            init=init,
-            seed=seed,
-        )
+        res = run_ais(model, x, cfg, seed)
         cols = {
             "ais": res.log_px,
             "ais_ess": res.ess,
@@ -146,6 +135,24 @@ def run_stage(
             traces.update(ffg_mean=fit.params["mean"], ffg_log_var=fit.params["log_var"])
         return cols, traces
     raise ValueError(f"unknown stage {stage!r}")
+
+
+def run_ais(model, x: torch.Tensor, cfg: EvaluateConfig, seed: int, num_steps: Optional[int] = None):
+    """AIS with the evaluation's settings (``num_steps`` overrides the recipe's), from the prior or the encoder."""
+    from gapbench.inference import ais
+
+    a = cfg.ais
+    init = model.posterior(x) if a.init == "encoder" else None
+    return ais(
+        model,
+        x,
+        num_steps=a.num_steps if num_steps is None else num_steps,
+        num_chains=a.num_chains,
+        num_leapfrog=a.num_leapfrog,
+        schedule=a.schedule,
+        init=init,
+        seed=seed,
+    )
 
 
 def _per_point(value, n: int) -> torch.Tensor:
