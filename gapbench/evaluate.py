@@ -96,10 +96,23 @@ def evaluate_run(
     device: Optional[str] = None,
     resume: bool = False,
     callback: Optional[Callable[[str, int, int], None]] = None,
+    settings_from: Optional[Recipe] = None,
 ) -> EvalSummary:
-    """Decompose the gaps of a trained run; ``callback(stage_label, batches_done, num_batches)`` reports progress."""
+    """Decompose the gaps of a trained run; ``callback(stage_label, batches_done, num_batches)`` reports progress.
+
+    The evaluation settings are the run's recipe.yaml with ``overrides``, or, when
+    ``settings_from`` is given (``gapbench run``), that recipe's evaluate section,
+    device and thread count.
+    """
     _check_overrides(overrides)
     run = open_run(run_dir, overrides)
+    if settings_from is not None:
+        run.recipe = dataclasses.replace(
+            run.recipe,
+            evaluate=settings_from.evaluate,
+            device=settings_from.device,
+            num_threads=settings_from.num_threads,
+        )
     recipe = run.recipe
     cfg = recipe.evaluate
     dev = resolve_device(device or recipe.device)

@@ -33,11 +33,6 @@ def evaluation_complete(run_dir: Path, recipe) -> bool:
     return read_json(path).get("settings") == _jsonable(dataclasses.asdict(recipe.evaluate))
 
 
-def _evaluation_key(key: str) -> bool:
-    """Keys that may differ between training and evaluation."""
-    return key.startswith("evaluate.") or key in ("device", "num_threads")
-
-
 def run_pipeline(
     recipe_path,
     overrides: Sequence[str] = (),
@@ -71,8 +66,7 @@ def run_pipeline(
         say(f"evaluate-gaps: {run_dir}/gaps/{recipe.evaluate.split}.json is up to date, skipping")
     else:
         say(f"evaluate-gaps: {recipe.evaluate.num_points} {recipe.evaluate.split} points")
-        eval_overrides = [o for o in overrides if _evaluation_key(o.split("=", 1)[0].strip())]
-        summary = evaluate_run(run_dir, overrides=eval_overrides, device=device, resume=True, callback=eval_callback)
+        summary = evaluate_run(run_dir, device=device, resume=True, callback=eval_callback, settings_from=recipe)
         say(summary.summary_line())
 
     out_dir = run_dir / "report"

@@ -242,8 +242,9 @@ def _build(cls, mapping: Mapping, prefix: str = ""):
     for key, value in mapping.items():
         if key not in fields:
             where = prefix.rstrip(".") or "the recipe's top level"
+            shown = str(key) if str(key).isprintable() else repr(key)  # one line, whatever the key holds
             raise RecipeError(
-                f"unknown key {prefix}{key!s} in {where}{_suggest(key, fields)}; valid keys: {', '.join(fields)}"
+                f"unknown key {prefix}{shown} in {where}{_suggest(key, fields)}; valid keys: {', '.join(fields)}"
             )
         kwargs[key] = _convert(value, hints[key], prefix + str(key))
         _check_range(kwargs[key], fields[key].metadata, prefix + str(key))

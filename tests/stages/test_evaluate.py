@@ -118,3 +118,7 @@ def test_run_pipeline_skips_finished_stages(tiny_recipe, tmp_path):
     run_pipeline(tiny_recipe, overrides=["evaluate.num_points=6"], out=str(tmp_path / "run"), stage_callback=messages.append)
     assert any("already trained" in m for m in messages) and not any("up to date" in m for m in messages)
     assert len(pd.read_csv(tmp_path / "run" / "gaps" / "test.csv")) == 6
+    # so does an edited recipe file: its evaluate section is what the evaluation uses
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("num_points: 12", "num_points: 7"))
+    run_pipeline(tiny_recipe, out=str(tmp_path / "run"), stage_callback=messages.append)
+    assert len(pd.read_csv(tmp_path / "run" / "gaps" / "test.csv")) == 7
