@@ -30,6 +30,7 @@ from gapbench.errors import GapbenchError
 from gapbench.experiment import configure_threads, evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
 from gapbench.gaps import decompose, local_family_kwargs, local_init, run_ais, run_stage, stage_label, stage_names, summarize
 from gapbench.io import load_torch, read_json, remove_stale_temporaries, save_torch, write_json, write_text
+from gapbench.recipe import Recipe
 
 log = logging.getLogger(__name__)
 

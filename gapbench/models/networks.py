@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Dict, Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from gapbench.errors import GapbenchError

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gapbench.cli import main
+from tests.cli_runner import run_cli
 from gapbench.gaps import decompose, summarize
 from tests.reliability.conftest import copy_run
 
@@ -118,19 +118,9 @@ def test_a_model_that_gives_nan_for_one_datapoint_is_flagged_end_to_end(
     assert np.isfinite(df.loc[mates, ["iwae", "ais"]].to_numpy()).all()
 
 
-def _run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_diverging_training_exits_2_with_one_line_and_keeps_a_loadable_finite_checkpoint(recipe_file, tmp_path, capsys):
     run = tmp_path / "run"
-    code, out, err = _run_cli(["train", recipe_file, "--set", "train.lr=1e9", "--out", run], capsys)
+    code, out, err = run_cli(["train", recipe_file, "--set", "train.lr=1e9", "--out", run], capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err

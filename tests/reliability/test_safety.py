@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from gapbench.cli import main
+from tests.cli_runner import run_cli
 from gapbench.io import load_torch
 from gapbench.errors import GapbenchError
 from tests.reliability.conftest import RECIPE, copy_run
@@ -33,16 +33,6 @@ class PlainObject:
 
     def __init__(self):
         self.weights = torch.zeros(3)
-
-
-def _run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _assert_one_line_error(code, err, expected):
@@ -93,7 +83,7 @@ def test_cli_refuses_a_hostile_checkpoint_with_one_line(trained_run, recipe_file
         run = copy_run(trained_run, tmp_path / name)
         shutil.copyfile(source, run / "checkpoint.pt")
         for args in (["evaluate-gaps", run], ["train", recipe_file, "--out", run, "--resume"]):
-            code, _, err = _run_cli(args, capsys)
+            code, _, err = run_cli(args, capsys)
             _assert_one_line_error(code, err, "checkpoint.pt is not a readable gapbench checkpoint")
         assert not (run / "gaps" / "test.csv").exists()
     assert not marker.exists()
@@ -105,7 +95,7 @@ def test_cli_refuses_a_hostile_partial_batch_file(evaluated_run, tmp_path, capsy
     run = copy_run(evaluated_run, tmp_path / "run")
     (run / "gaps" / "test.csv").unlink()
     shutil.copyfile(hostile, run / "gaps" / ".partial" / "test" / "iwae-0001.pt")
-    code, _, err = _run_cli(["evaluate-gaps", run, "--resume"], capsys)
+    code, _, err = run_cli(["evaluate-gaps", run, "--resume"], capsys)
     _assert_one_line_error(code, err, "iwae-0001.pt is not a readable gapbench checkpoint")
     assert not marker.exists() and not (run / "gaps" / "test.csv").exists()
 
@@ -123,7 +113,7 @@ def test_recipes_are_read_with_safe_load(tmp_path, capsys):
     for name, text in _yaml_payloads(marker).items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(RECIPE + text)
-        code, _, err = _run_cli(["train", path, "--out", tmp_path / "out"], capsys)
+        code, _, err = run_cli(["train", path, "--out", tmp_path / "out"], capsys)
         _assert_one_line_error(code, err, "malformed YAML")
         assert "python/" in err and not (tmp_path / "out").exists()
     assert not marker.exists()
@@ -134,11 +124,11 @@ def test_recipes_are_read_with_safe_load(tmp_path, capsys):
 
 def test_a_hostile_override_or_run_recipe_is_refused(trained_run, recipe_file, tmp_path, capsys):
     marker = tmp_path / "payload_ran"
-    code, _, err = _run_cli(["train", recipe_file, "--set", f"model.latent_dim=!!python/object/apply:os.mkdir [{marker}]",
+    code, _, err = run_cli(["train", recipe_file, "--set", f"model.latent_dim=!!python/object/apply:os.mkdir [{marker}]",
                              "--out", tmp_path / "out"], capsys)
     _assert_one_line_error(code, err, "model.latent_dim")
     run = copy_run(trained_run, tmp_path / "run")
     (run / "recipe.yaml").write_text((run / "recipe.yaml").read_text() + _yaml_payloads(marker)["apply"].replace("model", "extra"))
-    code, _, err = _run_cli(["evaluate-gaps", run], capsys)
+    code, _, err = run_cli(["evaluate-gaps", run], capsys)
     _assert_one_line_error(code, err, "malformed YAML")
     assert not marker.exists() and not (tmp_path / "out").exists()

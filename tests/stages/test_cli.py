@@ -2,23 +2,12 @@
 
 import gzip
 import shutil
-import sys
 
 import pytest
-import torch
 
 from gapbench import __version__
 from gapbench.cli import main
-
-
-def run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_runner import run_cli
 
 
 def test_help_and_version(capsys):
