@@ -126,28 +126,34 @@ def evaluate_run(
     stages = stage_names(cfg, encoder_family)
     families = [s.split("_", 1)[1] for s in stages if s.startswith("local_")]
 
-    settings = {"evaluate": dataclasses.asdict(cfg), "seed": recipe.seed, "points": idx.tolist()}
+    # What every batch file depends on: the points and how they are batched. Each stage's
+    # files also carry a key of that stage's own settings, so changing one stage's settings
+    # (or the list of families) keeps every other stage's finished batches.
+    settings = {"seed": recipe.seed, "points": idx.tolist(), "batch_size": cfg.batch_size}
     gaps_dir = run.path / GAPS_DIR
     partial = gaps_dir / ".partial" / cfg.split
     stamp = partial / "settings.json"
     fingerprint = _fingerprint(settings)
     if partial.exists() and not (resume and stamp.exists() and read_json(stamp).get("fingerprint") == fingerprint):
         if resume and stamp.exists():
-            log.warning("the saved partial evaluation used other settings; starting over")
+            log.warning("the saved partial evaluation used other points or batches; starting over")
         shutil.rmtree(partial)
-    # Temporaries of writes killed mid-way (of this split only: another split may be evaluating).
+    # A kill during an atomic write leaves its temporary behind; nothing reads it, so clear it.
     remove_stale_temporaries(partial)
-    remove_stale_temporaries(gaps_dir, [f"{cfg.split}.csv", f"{cfg.split}.json"])
     if not stamp.exists():
         write_json(stamp, {"fingerprint": fingerprint, "settings": settings})
+    keys = {stage: _stage_key(stage, cfg) for stage in stages + ["ais_sweep"]}
+
+    def part(stage: str, b: int) -> Path:
+        return partial / f"{stage}-{keys[stage]}-{b:04d}.pt"
 
     batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
     timings: Dict[str, float] = {}
     for stage in stages + (["ais_sweep"] if cfg.ais.enabled else []):
-        todo = [b for b in range(len(batches)) if not (partial / f"{stage}-{b:04d}.pt").exists()]
+        todo = [b for b in range(len(batches)) if not part(stage, b).exists()]
         num_batches = 1 if stage == "ais_sweep" else len(batches)
         if stage == "ais_sweep":
-            todo = [0] if not (partial / "ais_sweep-0000.pt").exists() else []
+            todo = [0] if not part(stage, 0).exists() else []
         label = stage_label(stage) if stage != "ais_sweep" else "AIS convergence sweep"
         if callback:
             callback(label, num_batches - len(todo), num_batches)
@@ -163,22 +169,35 @@ def evaluate_run(
                 if stage.startswith("local_"):
                     family = stage.split("_", 1)[1]
                     fam_kwargs = local_family_kwargs(family, cfg, recipe.model)
-                    init = _local_start(local_init(family, cfg), model, xb, partial, b)
+                    init = _local_start(local_init(family, cfg), model, xb, part("local_ffg", b) if "local_ffg" in keys else None)
                 cols, traces = run_stage(stage, model, xb, cfg, seed, fam_kwargs, init)
                 result = {
                     "columns": {k: v.detach().double().cpu() for k, v in cols.items()},
                     "traces": {k: v.detach().cpu() for k, v in traces.items()},
                 }
             result["seconds"] = time.time() - tic
-            save_torch(partial / f"{stage}-{b:04d}.pt", result)
+            save_torch(part(stage, b), result)
             if callback:
                 callback(label, num_batches - len(todo) + todo.index(b) + 1, num_batches)
         timings[stage] = time.time() - tic
 
-    return _finish(run.path, cfg, recipe, idx, batches, stages, families, encoder_family, partial, timings, dev)
+    return _finish(run.path, cfg, recipe, idx, batches, stages, families, encoder_family, part, timings, dev)
 
 
-def _local_start(where: str, model, x, partial: Path, batch: int):
+def _stage_key(stage: str, cfg) -> str:
+    """A short hash of the settings a stage's results depend on."""
+    if stage == "amortized":
+        relevant = {"elbo_samples": cfg.elbo_samples}
+    elif stage == "iwae":
+        relevant = {"iwae_samples": cfg.iwae_samples}
+    elif stage in ("ais", "ais_sweep"):
+        relevant = dataclasses.asdict(cfg.ais)
+    else:  # local fits; a flow started at q*_FFG depends on the FFG fit's settings too
+        relevant = dataclasses.asdict(cfg.local)
+    return _fingerprint({"stage": stage, **relevant})[:8]
+
+
+def _local_start(where: str, model, x, ffg_part: Optional[Path]):
     """The posterior a local fit starts from: None (prior), the encoder's q, or this batch's FFG q*."""
     if where == "prior":
         return None
@@ -187,7 +206,7 @@ def _local_start(where: str, model, x, partial: Path, batch: int):
             return model.posterior(x).detach()
     from gapbench.models.posterior import DiagonalGaussian
 
-    traces = _load(partial, "local_ffg", batch)["traces"]
+    traces = load_torch(ffg_part)["traces"]
     fam = DiagonalGaussian(model.latent_dim)
     params = {"mean": traces["ffg_mean"].to(x.device), "log_var": traces["ffg_log_var"].to(x.device)}
     return fam.posterior(params)
@@ -200,27 +219,23 @@ def _ais_sweep(model, x, cfg, seed) -> Dict[str, torch.Tensor]:
     return {"steps": torch.tensor(grid), "log_px": torch.stack(values)}
 
 
-def _load(partial: Path, stage: str, b: int) -> Dict:
-    return load_torch(partial / f"{stage}-{b:04d}.pt")
-
-
-def _finish(run_path, cfg, recipe, idx, batches, stages, families, encoder_family, partial, timings, dev) -> EvalSummary:
+def _finish(run_path, cfg, recipe, idx, batches, stages, families, encoder_family, part, timings, dev) -> EvalSummary:
     columns: Dict[str, List[np.ndarray]] = {}
     traces: Dict[str, Dict] = {}
     stage_seconds: Dict[str, float] = {}
     for stage in stages:
         local_curves = []
         for b in range(len(batches)):
-            part = _load(partial, stage, b)
-            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + float(part.get("seconds", 0.0))
-            for k, v in part["columns"].items():
+            saved = load_torch(part(stage, b))
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + float(saved.get("seconds", 0.0))
+            for k, v in saved["columns"].items():
                 columns.setdefault(k, []).append(v.numpy())
-            if stage.startswith("local_") and part["traces"]:
-                local_curves.append((part["traces"]["steps"], part["traces"]["elbo"]))
+            if stage.startswith("local_") and saved["traces"]:
+                local_curves.append((saved["traces"]["steps"], saved["traces"]["elbo"]))
         if local_curves:
             traces[stage] = _local_trace(local_curves)
     if cfg.ais.enabled:
-        sweep = _load(partial, "ais_sweep", 0)["traces"]
+        sweep = load_torch(part("ais_sweep", 0))["traces"]
         traces["ais_sweep"] = {"num_steps": sweep["steps"].tolist(), "log_px": sweep["log_px"].T.tolist()}
     cols = {k: np.concatenate(v) for k, v in columns.items()}
     df = decompose(cols, encoder_family, families)

@@ -94,9 +94,10 @@ def test_cli_refuses_a_hostile_partial_batch_file(evaluated_run, tmp_path, capsy
     marker, _, hostile = _hostile_checkpoints(tmp_path)
     run = copy_run(evaluated_run, tmp_path / "run")
     (run / "gaps" / "test.csv").unlink()
-    shutil.copyfile(hostile, run / "gaps" / ".partial" / "test" / "iwae-0001.pt")
+    (target,) = (run / "gaps" / ".partial" / "test").glob("iwae-*-0001.pt")
+    shutil.copyfile(hostile, target)
     code, _, err = run_cli(["evaluate-gaps", run, "--resume"], capsys)
-    _assert_one_line_error(code, err, "iwae-0001.pt is not a readable gapbench checkpoint")
+    _assert_one_line_error(code, err, f"{target.name} is not a readable gapbench checkpoint")
     assert not marker.exists() and not (run / "gaps" / "test.csv").exists()
 
 

@@ -122,3 +122,18 @@ def test_run_pipeline_skips_finished_stages(tiny_recipe, tmp_path):
     tiny_recipe.write_text(tiny_recipe.read_text().replace("num_points: 12", "num_points: 7"))
     run_pipeline(tiny_recipe, out=str(tmp_path / "run"), stage_callback=messages.append)
     assert len(pd.read_csv(tmp_path / "run" / "gaps" / "test.csv")) == 7
+
+
+def test_resume_keeps_the_stages_whose_settings_did_not_change(run_copy):
+    """Changing AIS settings (or the families) on --resume recomputes AIS only."""
+    evaluate_run(run_copy)
+    partial = run_copy / "gaps" / ".partial" / "test"
+    before = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.pt")}
+    evaluate_run(run_copy, overrides=["evaluate.ais.num_steps=25", "evaluate.families=[ffg]"], resume=True)
+    after = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.pt")}
+    kept = [n for n in before if not n.startswith("ais")]
+    assert kept and all(after[n] == before[n] for n in kept)
+    new_ais = [n for n in after if n.startswith("ais") and n not in before]
+    assert len(new_ais) == 4  # 3 AIS batches and the sweep, under the new settings' key
+    df = pd.read_csv(run_copy / "gaps" / "test.csv")
+    assert "elbo_flow" not in df and len(df) == 12
