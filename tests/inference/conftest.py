@@ -27,13 +27,6 @@ def simulate(model, num_points, seed=1):
     return model.sample_x(z)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests use tiny tensors: one intra-op thread avoids oversubscribing a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -16,13 +16,6 @@ RECIPE = TINY.replace("num_epochs: 4", f"num_epochs: {NUM_EPOCHS}")
 assert RECIPE != TINY
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread, as the recipe asks, and no oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,6 @@ evaluate:
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture
