@@ -106,7 +106,7 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7 + stream)
 
 
-def _initial_state(recipe: Recipe, model, optimizer) -> Dict:
+def _initial_state(model, optimizer) -> Dict:
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -192,7 +192,7 @@ def train_run(
     else:
         with output_dir(run_dir):
             write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
-            state = _initial_state(recipe, model, optimizer)
+            state = _initial_state(model, optimizer)
             save_torch(ckpt_path, state)
 
     started = time.time()

@@ -56,3 +56,17 @@ def mnist_vae():
     from gapbench.models.reference import load_npz_vae
 
     return load_npz_vae(MNIST_VAE)
+
+
+class NaNWhere:
+    """``model`` with the same prior, whose log-likelihood is NaN where ``is_bad(x)`` ([N] bool) holds."""
+
+    def __init__(self, model, is_bad):
+        self.model, self.latent_dim, self.is_bad = model, model.latent_dim, is_bad
+
+    def log_prior(self, z):
+        return self.model.log_prior(z)
+
+    def log_likelihood(self, x, z):
+        ll = self.model.log_likelihood(x, z)
+        return torch.where(self.is_bad(x)[None, :], torch.full_like(ll, float("nan")), ll)

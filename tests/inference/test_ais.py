@@ -8,7 +8,7 @@ import torch
 from gapbench.inference import ais, ais_reverse, annealing_schedule, effective_sample_size
 from gapbench.models.posterior import Posterior
 from gapbench.models.reference import QuadratureBernoulli
-from tests.inference.conftest import simulate
+from tests.inference.conftest import NaNWhere, simulate
 
 # Small-model settings: a larger first step and fewer leapfrog steps than the defaults.
 QUICK = dict(num_chains=64, num_leapfrog=3, step_size=0.2)
@@ -152,22 +152,10 @@ def test_non_standard_prior_must_be_passed_as_init():
     assert ((result.log_px - exact).abs() < 4 * stderr_from_ess(result) + 0.02).all()
 
 
-class NaNAtPoint:
-    def __init__(self, model):
-        self.model, self.latent_dim = model, model.latent_dim
-
-    def log_prior(self, z):
-        return self.model.log_prior(z)
-
-    def log_likelihood(self, x, z):
-        ll = self.model.log_likelihood(x, z)
-        return torch.where(torch.isnan(x[:, 0])[None, :], torch.full_like(ll, float("nan")), ll)
-
-
 def test_nonfinite_datapoint_is_flagged(quad_model, quad_data, caplog):
     x = quad_data.clone()
     x[2, 0] = float("nan")
-    result = ais(NaNAtPoint(quad_model), x, num_steps=10, seed=0, **QUICK)
+    result = ais(NaNWhere(quad_model, lambda x: torch.isnan(x[:, 0])), x, num_steps=10, seed=0, **QUICK)
     assert result.finite.tolist() == [True, True, False, True] and result.num_nonfinite == 1
     assert torch.isfinite(result.log_px[[0, 1, 3]]).all()
     assert "1 of 4 datapoints" in caplog.text

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gapbench.inference import fit_local, iwae
+from tests.inference.conftest import NaNWhere
 from tests.inference.test_bounds import iwae_stderr
 from gapbench.models.posterior import FAMILIES, DiagonalGaussian
 
@@ -132,24 +133,10 @@ def test_loss_is_a_sum_so_gradients_do_not_scale_with_batch(linear_gaussian, lg_
     torch.testing.assert_close(many.params["mean"].abs(), torch.full((6, 2), 1e-2, dtype=torch.float64), rtol=1e-6, atol=1e-9)
 
 
-class NaNAtPoint:
-    """The linear-Gaussian model, but datapoint 1's likelihood is NaN."""
-
-    def __init__(self, model):
-        self.model, self.latent_dim = model, model.latent_dim
-
-    def log_prior(self, z):
-        return self.model.log_prior(z)
-
-    def log_likelihood(self, x, z):
-        ll = self.model.log_likelihood(x, z)
-        return torch.where((x[:, 0] == 1234.0)[None, :], torch.full_like(ll, float("nan")), ll)
-
-
 def test_nonfinite_datapoint_is_flagged_and_does_not_disturb_others(linear_gaussian, lg_data, caplog):
     x = lg_data.clone()
     x[1, 0] = 1234.0
-    fit = fit_local(NaNAtPoint(linear_gaussian), x, "ffg", seed=0, lr=2e-2, check_every=20, patience=2,
+    fit = fit_local(NaNWhere(linear_gaussian, lambda x: x[:, 0] == 1234.0), x, "ffg", seed=0, lr=2e-2, check_every=20, patience=2,
                     max_steps=300, num_final_samples=100)
     assert fit.finite.tolist() == [True, False, True, True, True, True]
     assert fit.num_nonfinite == 1 and fit.num_steps[1] == 0
