@@ -160,16 +160,21 @@ def evaluate_run(
         tic = time.time()
         for b in todo:
             seed = _stage_seed(recipe.seed, stage, b)
+            ffg_part = part("local_ffg", b) if "local_ffg" in keys else None
             if stage == "ais_sweep":
-                xb = x_all[batches[0][:AIS_SWEEP_POINTS]].to(dev)
-                result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed)}
+                n = min(AIS_SWEEP_POINTS, len(batches[0]))
+                xb = x_all[batches[0][:n]].to(dev)
+                init = _ais_start(cfg, model, xb, ffg_part)
+                result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init)}
             else:
                 xb = x_all[batches[b]].to(dev)
                 fam_kwargs, init = None, None
                 if stage.startswith("local_"):
                     family = stage.split("_", 1)[1]
                     fam_kwargs = local_family_kwargs(family, cfg, recipe.model)
-                    init = _local_start(local_init(family, cfg), model, xb, part("local_ffg", b) if "local_ffg" in keys else None)
+                    init = _local_start(local_init(family, cfg), model, xb, ffg_part)
+                elif stage == "ais":
+                    init = _ais_start(cfg, model, xb, ffg_part)
                 cols, traces = run_stage(stage, model, xb, cfg, seed, fam_kwargs, init)
                 result = {
                     "columns": {k: v.detach().double().cpu() for k, v in cols.items()},
@@ -192,6 +197,8 @@ def _stage_key(stage: str, cfg) -> str:
         relevant = {"iwae_samples": cfg.iwae_samples}
     elif stage in ("ais", "ais_sweep"):
         relevant = dataclasses.asdict(cfg.ais)
+        if cfg.ais.init == "ffg":  # AIS then starts at q*_FFG, which depends on the local settings
+            relevant["local"] = dataclasses.asdict(cfg.local)
     else:  # local fits; a flow started at q*_FFG depends on the FFG fit's settings too
         relevant = dataclasses.asdict(cfg.local)
     return _fingerprint({"stage": stage, **relevant})[:8]
@@ -204,18 +211,30 @@ def _local_start(where: str, model, x, ffg_part: Optional[Path]):
     if where == "encoder":
         with torch.no_grad():
             return model.posterior(x).detach()
+    return _fitted_ffg(model, ffg_part, x.shape[0], x.device)
+
+
+def _ais_start(cfg, model, x, ffg_part: Optional[Path]):
+    """This batch's fitted q*_FFG (its first len(x) points) when AIS starts there, else None."""
+    return _fitted_ffg(model, ffg_part, x.shape[0], x.device) if cfg.ais.init == "ffg" else None
+
+
+def _fitted_ffg(model, ffg_part: Path, num_points: int, device):
+    """q*_FFG of the first ``num_points`` datapoints of a batch, from its saved local FFG fit."""
     from gapbench.models.posterior import DiagonalGaussian
 
     traces = load_torch(ffg_part)["traces"]
-    fam = DiagonalGaussian(model.latent_dim)
-    params = {"mean": traces["ffg_mean"].to(x.device), "log_var": traces["ffg_log_var"].to(x.device)}
-    return fam.posterior(params)
+    params = {
+        "mean": traces["ffg_mean"][:num_points].to(device),
+        "log_var": traces["ffg_log_var"][:num_points].to(device),
+    }
+    return DiagonalGaussian(model.latent_dim).posterior(params)
 
 
-def _ais_sweep(model, x, cfg, seed) -> Dict[str, torch.Tensor]:
+def _ais_sweep(model, x, cfg, seed, init=None) -> Dict[str, torch.Tensor]:
     """AIS log p̂(x) at a grid of num_steps on a few points: [len(grid)] steps and [len(grid), n] estimates."""
     grid = sorted({max(2, int(round(cfg.ais.num_steps * f))) for f in AIS_SWEEP_FRACTIONS})
-    values = [run_ais(model, x, cfg, seed, num_steps=steps).log_px.detach().double().cpu() for steps in grid]
+    values = [run_ais(model, x, cfg, seed, num_steps=steps, init=init).log_px.detach().double().cpu() for steps in grid]
     return {"steps": torch.tensor(grid), "log_px": torch.stack(values)}
 
 

@@ -100,7 +100,7 @@ def run_stage(
             value = iwae(model, x, model.posterior(x), num_samples=cfg.iwae_samples, seed=seed)
         return {"iwae": value}, {}
     if stage == "ais":
-        res = run_ais(model, x, cfg, seed)
+        res = run_ais(model, x, cfg, seed, init=init)
         cols = {
             "ais": res.log_px,
             "ais_ess": res.ess,
@@ -137,12 +137,17 @@ def run_stage(
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def run_ais(model, x: torch.Tensor, cfg: EvaluateConfig, seed: int, num_steps: Optional[int] = None):
-    """AIS with the evaluation's settings (``num_steps`` overrides the recipe's), from the prior or the encoder."""
+def run_ais(model, x: torch.Tensor, cfg: EvaluateConfig, seed: int, num_steps: Optional[int] = None, init=None):
+    """AIS with the evaluation's settings (``num_steps`` overrides the recipe's).
+
+    It starts from ``init`` when given (the fitted q*_FFG), else the encoder's q
+    (``ais.init: encoder``) or the prior.
+    """
     from gapbench.inference import ais
 
     a = cfg.ais
-    init = model.posterior(x) if a.init == "encoder" else None
+    if init is None and a.init == "encoder":
+        init = model.posterior(x)
     return ais(
         model,
         x,

@@ -110,7 +110,9 @@ class AISConfig:
     num_chains: int = field(default=16, metadata=_range(lo=1))
     num_leapfrog: int = field(default=10, metadata=_range(lo=1))
     schedule: Literal["sigmoid", "linear"] = "sigmoid"
-    init: Literal["prior", "encoder"] = "prior"
+    # The first distribution of the path: the prior (the paper), the encoder's q, or this
+    # datapoint's fitted q*_FFG (needs the local FFG fit; valid for every encoder family).
+    init: Literal["prior", "encoder", "ffg"] = "prior"
 
 
 @dataclass(frozen=True)
@@ -267,7 +269,11 @@ def _check_consistency(recipe: Recipe) -> None:
     if recipe.evaluate.ais.init == "encoder" and m.encoder == "flow":
         raise RecipeError(
             "evaluate.ais.init: 'encoder' needs an exact log q, which the auxiliary 'flow' encoder does not have; "
-            "use 'prior'"
+            "use 'ffg' (the fitted q*_FFG) or 'prior'"
+        )
+    if recipe.evaluate.ais.init == "ffg" and "ffg" not in (*recipe.evaluate.families, m.encoder):
+        raise RecipeError(
+            "evaluate.ais.init: 'ffg' starts AIS at the fitted q*_FFG; add ffg to evaluate.families or use 'prior'"
         )
 
 

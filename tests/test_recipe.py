@@ -61,6 +61,8 @@ def test_recipe_is_frozen(tmp_path):
         ("model: {likelihood: categorical}", "needs quantized data"),
         ("model: {architecture: conv}", "'conv' is built for 32x32x3 images"),
         ("data: {quantize_bits: 9}", "data.quantize_bits: must be at most 8"),
+        ("model: {encoder: flow}\nevaluate: {ais: {init: encoder}}", "needs an exact log q"),
+        ("model: {encoder: flow}\nevaluate: {families: [flow], ais: {init: ffg}}", "add ffg to evaluate.families"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, message):

@@ -137,3 +137,34 @@ def test_resume_keeps_the_stages_whose_settings_did_not_change(run_copy):
     assert len(new_ais) == 4  # 3 AIS batches and the sweep, under the new settings' key
     df = pd.read_csv(run_copy / "gaps" / "test.csv")
     assert "elbo_flow" not in df and len(df) == 12
+
+
+def test_ais_can_start_at_each_points_fitted_ffg(run_copy):
+    """ais.init: ffg runs AIS from the q*_FFG of the same batch; its key follows the local settings."""
+    from gapbench.evaluate import _stage_seed
+    from gapbench.experiment import load_inputs, load_trained_model, open_run
+    from gapbench.inference import ais
+    from gapbench.models.posterior import DiagonalGaussian
+
+    evaluate_run(run_copy, overrides=["evaluate.ais.init=ffg"])
+    partial = run_copy / "gaps" / ".partial" / "test"
+    df = pd.read_csv(run_copy / "gaps" / "test.csv")
+    # batch 0, recomputed by hand from its saved FFG fit with the stage's seed
+    run = open_run(run_copy, ["evaluate.ais.init=ffg"])
+    inputs = load_inputs(run.recipe)
+    model = load_trained_model(run, inputs, torch.device("cpu"))
+    from gapbench.experiment import evaluation_split
+
+    x = evaluation_split(inputs, run.recipe, "test")[torch.tensor(df["index"].tolist()[:5])]
+    (ffg_file,) = partial.glob("local_ffg-*-0000.pt")
+    traces = torch.load(ffg_file, weights_only=True)["traces"]
+    q = DiagonalGaussian(model.latent_dim).posterior({"mean": traces["ffg_mean"], "log_var": traces["ffg_log_var"]})
+    a = run.recipe.evaluate.ais
+    expected = ais(model, x, num_steps=a.num_steps, num_chains=a.num_chains, num_leapfrog=a.num_leapfrog,
+                   schedule=a.schedule, init=q, seed=_stage_seed(0, "ais", 0)).log_px
+    assert np.allclose(df.ais.to_numpy()[:5], expected.double().numpy(), atol=1e-5)
+    assert np.isfinite(df.ais).all() and (df.ais > df.elbo_q - 1.0).all()
+    # changing the local fit changes where AIS starts, so AIS is recomputed with it
+    before = {p.name for p in partial.glob("ais-*.pt")}
+    evaluate_run(run_copy, overrides=["evaluate.ais.init=ffg", "evaluate.local.max_steps=150"], resume=True)
+    assert {p.name for p in partial.glob("ais-*.pt")} - before
