@@ -6,7 +6,9 @@ and an info record. Every chain is an entry of the leading dimensions
 
 The target is given by ``log_density_and_grad_fn(z) -> (log_density [C, N],
 grad [C, N, D], aux)``: one forward and one backward pass of the model per
-call. ``aux`` is a tuple of tensors with the chains' leading shape that the
+call. A function that takes ``need_value`` may be told ``need_value=False`` for
+the leapfrog steps before the last, whose log-density nobody reads; it may then
+return (None, grad, None) (see :func:`leapfrog`). ``aux`` is a tuple of tensors with the chains' leading shape that the
 caller wants carried along with the state (AIS keeps the two terms of its
 tempered density there, so that moving to the next temperature needs no new
 model evaluation). Neal 2011, "MCMC using Hamiltonian dynamics".
@@ -14,6 +16,7 @@ model evaluation). Neal 2011, "MCMC using Hamiltonian dynamics".
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
@@ -79,11 +82,23 @@ def leapfrog(
     if eps.dim() > 0:
         eps = eps.unsqueeze(-1)  # [..., 1]
     p = momentum + 0.5 * eps * grad_log_density
+    takes_flag = _takes_need_value(log_density_and_grad_fn)
     for i in range(num_steps):
         z = z + eps * p
-        log_density, grad, aux = log_density_and_grad_fn(z)
-        p = p + (eps if i < num_steps - 1 else 0.5 * eps) * grad
+        last = i == num_steps - 1
+        if takes_flag:
+            log_density, grad, aux = log_density_and_grad_fn(z, need_value=last)
+        else:
+            log_density, grad, aux = log_density_and_grad_fn(z)
+        p = p + (0.5 * eps if last else eps) * grad
     return z, p, log_density, grad, aux
+
+
+def _takes_need_value(fn) -> bool:
+    try:
+        return "need_value" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _select(accepted: Tensor, new: Tensor, old: Tensor) -> Tensor:

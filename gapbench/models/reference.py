@@ -198,6 +198,10 @@ class NpzVAE(nn.Module):
         """Decoder Bernoulli logits: [..., D] -> [..., P]."""
         return self.fc6(F.elu(self.fc5(F.elu(self.fc4(z)))))
 
+    def mlp_decoder(self):
+        """The decoder's layers and activation, for the hand-derived gradient of gapbench.inference.gradients."""
+        return [(m.weight, m.bias) for m in (self.fc4, self.fc5, self.fc6)], "elu"
+
     def posterior(self, x: Tensor) -> FamilyPosterior:
         """The encoder's FFG q(z|x) for x [N, P] (detached)."""
         with torch.no_grad():

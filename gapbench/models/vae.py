@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from gapbench.errors import GapbenchError
 from gapbench.models.flows import FlowFamily
-from gapbench.models.likelihoods import LIKELIHOODS, Likelihood, get_likelihood
+from gapbench.models.likelihoods import LIKELIHOODS, Bernoulli, Likelihood, get_likelihood
 from gapbench.models.networks import ACTIVATIONS, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from gapbench.models.posterior import Family, FamilyPosterior, Params, get_family
 from gapbench.ops import log_standard_normal
@@ -74,6 +74,21 @@ class VAE(nn.Module):
     def log_likelihood(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x|z) summed over pixels; x [N, C, H, W] or [N, P], z [S, N, D] -> [S, N]."""
         return self.likelihood.log_prob(x, self.decode(z))
+
+    def mlp_decoder(self):
+        """([(weight, bias), ...], activation) of an MLP decoder with Bernoulli pixels, else None.
+
+        Lets the estimators use a hand-derived gradient (gapbench.inference.gradients).
+        """
+        if not isinstance(self.decoder, MLPDecoder) or not isinstance(self.likelihood, Bernoulli):
+            return None
+        modules = list(self.decoder.net)
+        linears = [m for m in modules if isinstance(m, nn.Linear)]
+        acts = {type(m) for m in modules if not isinstance(m, nn.Linear)}
+        names = [name for name, cls in ACTIVATIONS.items() if {cls} == acts]
+        if len(linears) + max(len(linears) - 1, 0) != len(modules) or (len(linears) > 1 and len(names) != 1):
+            return None
+        return [(m.weight, m.bias) for m in linears], (names[0] if names else "elu")
 
     def encode(self, x: Tensor) -> Params:
         """The amortized family parameters for x [N, ...]: base ``mean``, ``log_var`` [N, D], flow weights [1, ...]."""

@@ -1,0 +1,100 @@
+"""log p(x, z) and its gradient in z, with a hand-derived backward pass where the model allows one.
+
+AIS and HMC need grad_z log p(x, z) at every leapfrog step and the value only at
+the end of a trajectory. For the
+models of Cremer et al. (an MLP decoder with one pointwise activation and
+Bernoulli pixels) the backward pass is short enough to write out:
+
+    l = W_L h_{L-1} + b_L,  h_k = act(W_k h_{k-1} + b_k),  h_0 = z
+    log p(x|z) = sum_p x_p l_p - softplus(l_p)
+    d log p / d l = x - sigmoid(l),  d/d h_{k-1} = (d/d h_k * act'(h_k)) W_k
+
+with act' read off the stored outputs h_k. Compared with autograd on the same
+model it skips the graph bookkeeping, the softplus of the value when the value
+is not asked for, and the prior's graph (grad log N(z; 0, I) = -z). Every other
+model goes through autograd. A model opts in by returning its decoder from
+``mlp_decoder()`` (see :func:`mlp_decoder`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gapbench.ops import log_standard_normal
+
+ACTIVATION_NAMES = ("elu", "relu", "tanh", "softplus")
+_ACT_FN = {"elu": F.elu, "relu": F.relu, "tanh": torch.tanh, "softplus": F.softplus}
+
+
+def mlp_decoder(model) -> Optional[Tuple[List[Tuple[Tensor, Tensor]], str]]:
+    """The model's decoder as ([(weight [out, in], bias [out]), ...], activation), or None.
+
+    A model opts in by defining ``mlp_decoder()`` returning that pair when (and only
+    when) p(x|z) is Bernoulli with logits = the MLP's last layer, the prior is
+    N(0, I) and the activation is one of ACTIVATION_NAMES.
+    """
+    fn = getattr(model, "mlp_decoder", None)
+    spec = fn() if callable(fn) else None
+    if spec is None:
+        return None
+    layers, activation = spec
+    if activation not in _ACT_FN or not layers:
+        return None
+    return spec
+
+
+def _act_grad(h: Tensor, activation: str) -> Tensor:
+    """act'(a) from the output h = act(a), for the activations of ACTIVATION_NAMES."""
+    if activation == "elu":  # a > 0 <=> h > 0; for a <= 0, act'(a) = exp(a) = h + 1
+        return h.clamp(max=0.0).add_(1.0)
+    if activation == "relu":
+        return (h > 0).to(h.dtype)
+    if activation == "tanh":
+        return 1.0 - h * h
+    return -torch.expm1(-h)  # softplus: sigmoid(a) = 1 - exp(-h)
+
+
+def _flat_data(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.reshape(x.shape[0], -1).to(dtype)
+
+
+def log_joint_and_grad(model, x: Tensor, z: Tensor, need_value: bool = True) -> Tuple[Optional[Tensor], Tensor]:
+    """(log p(x, z) [S, N] or None, grad_z log p(x, z) [S, N, D]) for z [S, N, D]; no graph is kept.
+
+    Hand-derived for models with :func:`mlp_decoder`, autograd otherwise. With
+    ``need_value=False`` the value is not computed where that saves time (None is returned).
+    """
+    spec = mlp_decoder(model)
+    if spec is None:
+        z1 = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = model.log_prior(z1) + model.log_likelihood(x, z1)
+            (grad,) = torch.autograd.grad(value.sum(), z1)
+        return value.detach(), grad
+    layers, activation = spec
+    act = _ACT_FN[activation]
+    num_samples, num_points, dim = z.shape
+    with torch.no_grad():
+        h = z.reshape(num_samples * num_points, dim)
+        hidden = []
+        for weight, bias in layers[:-1]:
+            h = act(F.linear(h, weight, bias))
+            hidden.append(h)
+        weight, bias = layers[-1]
+        logits = F.linear(h, weight, bias).reshape(num_samples, num_points, -1)  # [S, N, P]
+        xf = _flat_data(x, logits.dtype)  # [N, P]
+        value = None
+        if need_value:
+            value = log_standard_normal(z) - F.binary_cross_entropy_with_logits(
+                logits, xf.expand_as(logits), reduction="none"
+            ).sum(-1)
+        g = torch.sigmoid(logits).neg_().add_(xf).reshape(num_samples * num_points, -1)  # x - sigmoid(l)
+        g = g @ weight
+        for (weight, _), h in zip(reversed(layers[:-1]), reversed(hidden)):
+            g = g.mul_(_act_grad(h, activation)) @ weight
+        grad = g.reshape(num_samples, num_points, dim) - z
+    return value, grad
