@@ -17,8 +17,10 @@ from gapbench.ops import log_standard_normal
 
 logger = logging.getLogger("gapbench.inference")
 
-# Default bound on S * N (sample-datapoint pairs) in one forward pass of the model.
-DEFAULT_PAIRS_PER_PASS = 50_000
+# Default bound on S * N (sample-datapoint pairs) in one forward pass of the model: on a
+# CPU, passes that stay in cache (4,096 pairs of 784 pixels) run fastest; a GPU wants
+# large passes.
+DEFAULT_PAIRS_PER_PASS = {"cpu": 4096, "cuda": 50_000}
 
 
 @contextlib.contextmanager
@@ -63,15 +65,16 @@ def log_joint(model, x: Tensor, z: Tensor) -> Tensor:
     return model.log_prior(z) + model.log_likelihood(x, z)
 
 
-def sample_chunks(num_samples: int, chunk_size: Optional[int], num_points: int) -> Iterator[int]:
+def sample_chunks(num_samples: int, chunk_size: Optional[int], num_points: int, device=None) -> Iterator[int]:
     """Sizes of the sample chunks: at most ``chunk_size`` samples each.
 
-    ``chunk_size=None`` keeps S_chunk * N under DEFAULT_PAIRS_PER_PASS.
+    ``chunk_size=None`` keeps S_chunk * N under DEFAULT_PAIRS_PER_PASS for the device.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_PAIRS_PER_PASS // max(num_points, 1))
+        kind = torch.device(device).type if device is not None else "cpu"
+        chunk_size = max(1, DEFAULT_PAIRS_PER_PASS.get(kind, DEFAULT_PAIRS_PER_PASS["cuda"]) // max(num_points, 1))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     done = 0

@@ -48,7 +48,7 @@ def elbo_and_stderr(
     total = torch.zeros(num_points, dtype=torch.float64, device=x.device)
     total_sq = torch.zeros_like(total)
     with torch.no_grad():
-        for size in sample_chunks(num_samples, chunk_size, num_points):
+        for size in sample_chunks(num_samples, chunk_size, num_points, x.device):
             lw = log_weights(model, x, q, size).double()  # [s, N]
             total += lw.sum(0)
             total_sq += (lw**2).sum(0)
@@ -74,7 +74,7 @@ def elbo(
         x: data [N, ...].
         q: a gapbench Posterior or a torch Distribution with batch [N], event [D], rsample.
         num_samples: S, Monte Carlo samples per datapoint.
-        chunk_size: samples per forward pass (None: S_chunk * N <= 50,000).
+        chunk_size: samples per forward pass (None: S_chunk * N <= 4,096 on a CPU, 50,000 on a GPU).
         seed: run under this seed without disturbing the global generator.
 
     Returns:
@@ -104,7 +104,7 @@ def iwae(
         x: data [N, ...].
         q: a gapbench Posterior or a torch Distribution with batch [N], event [D], rsample.
         num_samples: k, importance samples per datapoint (5,000 is the standard test value).
-        chunk_size: samples per forward pass (None: S_chunk * N <= 50,000); the
+        chunk_size: samples per forward pass (None: S_chunk * N <= 4,096 on a CPU, 50,000 on a GPU); the
             log-sum-exp is combined across chunks, so k = 5,000 never sits in memory at once.
         seed: run under this seed without disturbing the global generator.
 
@@ -115,7 +115,7 @@ def iwae(
     q = _check_q(q, num_points, check_model(model))
     parts = []
     with seeded(seed, x.device), torch.no_grad():
-        for size in sample_chunks(num_samples, chunk_size, num_points):
+        for size in sample_chunks(num_samples, chunk_size, num_points, x.device):
             lw = log_weights(model, x, q, size).double()  # [s, N]
             parts.append(torch.logsumexp(lw, dim=0))  # [N]
     value = torch.logsumexp(torch.stack(parts), dim=0) - math.log(num_samples)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gapbench.ops import log_standard_normal
+from gapbench.ops import log_bernoulli, log_standard_normal
 
 ACTIVATION_NAMES = ("elu", "relu", "tanh", "softplus")
 _ACT_FN = {"elu": F.elu, "relu": F.relu, "tanh": torch.tanh, "softplus": F.softplus}
@@ -89,9 +89,7 @@ def log_joint_and_grad(model, x: Tensor, z: Tensor, need_value: bool = True) -> 
         xf = _flat_data(x, logits.dtype)  # [N, P]
         value = None
         if need_value:
-            value = log_standard_normal(z) - F.binary_cross_entropy_with_logits(
-                logits, xf.expand_as(logits), reduction="none"
-            ).sum(-1)
+            value = log_standard_normal(z) + log_bernoulli(xf, logits)
         g = torch.sigmoid(logits).neg_().add_(xf).reshape(num_samples * num_points, -1)  # x - sigmoid(l)
         g = g @ weight
         for (weight, _), h in zip(reversed(layers[:-1]), reversed(hidden)):

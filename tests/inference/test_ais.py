@@ -159,3 +159,17 @@ def test_nonfinite_datapoint_is_flagged(quad_model, quad_data, caplog):
     assert result.finite.tolist() == [True, True, False, True] and result.num_nonfinite == 1
     assert torch.isfinite(result.log_px[[0, 1, 3]]).all()
     assert "1 of 4 datapoints" in caplog.text
+
+
+def test_auto_step_size_starts_at_a_tenth_of_the_start_distributions_scale(linear_gaussian, lg_data):
+    from gapbench.models.posterior import DiagonalGaussian
+
+    n, d = lg_data.shape[0], linear_gaussian.latent_dim
+    log_var = torch.log(torch.linspace(0.01, 4.0, n, dtype=torch.float64))[:, None].expand(n, d).contiguous()
+    q = DiagonalGaussian(d).posterior({"mean": torch.zeros(n, d, dtype=torch.float64), "log_var": log_var}, n)
+    # after one transition each chain's step size is its start times 1.02 or 0.98
+    for init, start in ((None, torch.full((n,), 0.1, dtype=torch.float64)), (q, 0.1 * log_var[:, 0].mul(0.5).exp())):
+        res = ais(linear_gaussian, lg_data, num_steps=1, num_chains=3, init=init, step_size="auto", seed=0)
+        ratio = res.step_size / start
+        assert torch.all(torch.isclose(ratio, torch.tensor(1.02, dtype=torch.float64))
+                         | torch.isclose(ratio, torch.tensor(0.98, dtype=torch.float64)))
