@@ -13,9 +13,17 @@ TABLE2_RUNS = mnist_ffg mnist_flow fashion_ffg fashion_flow cifar10_ffg cifar10_
 TABLE2_OUT ?= results/cremer2018
 SMALL_OUT ?= results/cremer2018-small
 
+FOLLOWUPS = encoder-capacity decoder-capacity train-vs-heldout gaps-over-training
+# Checkpoints of the gaps-over-training experiment: the ends of the IWAE schedule's stages
+# (3^i epochs each), and a CPU-budget ladder up to small.yaml's 50 epochs.
+OVER_TRAINING_EPOCHS ?= 13 40 121 364 1093 3280
+OVER_TRAINING_EPOCHS_SMALL ?= 5 10 25 50
+
 .PHONY: help setup test test-fast quickstart bench clean-runs reproduce-table2 \
 	reproduce-table2-mnist reproduce-table2-fashion reproduce-table2-cifar10 \
-	reproduce-table2-small reproduce-table2-small-mnist reproduce-table2-small-fashion reproduce-table2-small-cifar10
+	reproduce-table2-small reproduce-table2-small-mnist reproduce-table2-small-fashion reproduce-table2-small-cifar10 \
+	reproduce-followups reproduce-followups-small \
+	$(foreach f,$(FOLLOWUPS),reproduce-$(f) reproduce-$(f)-small)
 
 help:
 	@echo "make setup       install gapbench (and torch $(TORCH_VERSION) if no torch is installed) with test extras"
@@ -26,6 +34,8 @@ help:
 	@echo "make reproduce-table2   Cremer et al. 2018 Table 2 at the paper's settings (GPU-days; needs mnist, fashion-mnist, cifar10)"
 	@echo "make reproduce-table2-fashion   the same for Fashion-MNIST only (likewise -mnist, -cifar10)"
 	@echo "make reproduce-table2-small     the same models on a CPU budget (50 epochs, 100 points); -small-fashion etc. too"
+	@echo "make reproduce-followups        the paper's follow-ups on Fashion-MNIST: $(FOLLOWUPS)"
+	@echo "                                (each alone: make reproduce-encoder-capacity etc.; add -small for the CPU budget)"
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
@@ -68,3 +78,68 @@ reproduce-table2-small: $(foreach r,$(TABLE2_RUNS),$(SMALL_OUT)/$(r)/report/tabl
 reproduce-table2-small-mnist reproduce-table2-small-fashion reproduce-table2-small-cifar10: reproduce-table2-small-%: \
 		$(SMALL_OUT)/%_ffg/report/table.md $(SMALL_OUT)/%_flow/report/table.md
 	gapbench report $(SMALL_OUT)/$*_ffg $(SMALL_OUT)/$*_flow --out $(SMALL_OUT)/report-$*
+
+# ---------------------------------------------------------------- follow-up experiments
+# Cremer et al.'s follow-ups, on Fashion-MNIST with the FFG encoder, each into
+# results/<experiment>[-small]/ and ending with a report there. The -small targets
+# use the CPU budget of reproduce-table2-small with FFG local fits only
+# (recipes/cremer2018-followups-small/).
+
+.PRECIOUS: $(TABLE2_OUT)/%/checkpoint.pt $(SMALL_OUT)/%/checkpoint.pt
+
+# The trained Table 2 model the follow-ups compare with (results in git carry no checkpoints:
+# on a fresh clone this retrains it, to the same weights for the same seed on a CPU).
+$(TABLE2_OUT)/%/checkpoint.pt:
+	gapbench run recipes/cremer2018/$*.yaml --out $(TABLE2_OUT)/$*
+
+$(SMALL_OUT)/%/checkpoint.pt:
+	gapbench run recipes/cremer2018-small/$*.yaml --out $(SMALL_OUT)/$*
+
+reproduce-followups: $(foreach f,$(FOLLOWUPS),reproduce-$(f))
+reproduce-followups-small: $(foreach f,$(FOLLOWUPS),reproduce-$(f)-small)
+
+# A larger encoder (500-unit layers) against Table 2's model: does the amortization gap shrink?
+reproduce-encoder-capacity: $(TABLE2_OUT)/fashion_ffg/checkpoint.pt
+	gapbench run recipes/cremer2018-followups/encoder500.yaml --out results/encoder-capacity/fashion_ffg_encoder500
+	gapbench report $(TABLE2_OUT)/fashion_ffg results/encoder-capacity/fashion_ffg_encoder500 --out results/encoder-capacity/report
+
+reproduce-encoder-capacity-small: $(SMALL_OUT)/fashion_ffg/checkpoint.pt
+	gapbench run recipes/cremer2018-followups-small/encoder500.yaml --out results/encoder-capacity-small/fashion_ffg_encoder500
+	gapbench report $(SMALL_OUT)/fashion_ffg results/encoder-capacity-small/fashion_ffg_encoder500 --out results/encoder-capacity-small/report
+
+# A larger decoder (500-unit layers) against Table 2's model.
+reproduce-decoder-capacity: $(TABLE2_OUT)/fashion_ffg/checkpoint.pt
+	gapbench run recipes/cremer2018-followups/decoder500.yaml --out results/decoder-capacity/fashion_ffg_decoder500
+	gapbench report $(TABLE2_OUT)/fashion_ffg results/decoder-capacity/fashion_ffg_decoder500 --out results/decoder-capacity/report
+
+reproduce-decoder-capacity-small: $(SMALL_OUT)/fashion_ffg/checkpoint.pt
+	gapbench run recipes/cremer2018-followups-small/decoder500.yaml --out results/decoder-capacity-small/fashion_ffg_decoder500
+	gapbench report $(SMALL_OUT)/fashion_ffg results/decoder-capacity-small/fashion_ffg_decoder500 --out results/decoder-capacity-small/report
+
+# Table 2's model on training points beside its held-out (test) points: one column each.
+reproduce-train-vs-heldout: $(TABLE2_OUT)/fashion_ffg/checkpoint.pt
+	gapbench evaluate-gaps $(TABLE2_OUT)/fashion_ffg --split train --resume
+	gapbench report $(TABLE2_OUT)/fashion_ffg --split train,test --out results/train-vs-heldout/report
+
+reproduce-train-vs-heldout-small: $(SMALL_OUT)/fashion_ffg/checkpoint.pt
+	gapbench evaluate-gaps $(SMALL_OUT)/fashion_ffg --recipe recipes/cremer2018-followups-small/fashion_ffg.yaml --split train --resume
+	gapbench report $(SMALL_OUT)/fashion_ffg --split train,test --out results/train-vs-heldout-small/report
+
+# The gaps of one model at several points of its training: each checkpoint folder starts
+# as a copy of the previous one and trains on (resuming exactly), then is evaluated.
+define over_training
+	@set -e; prev=; runs=; for e in $(2); do \
+	  d=results/$(1)/epoch_$$e; \
+	  if [ -n "$$prev" ] && [ ! -e $$d ]; then \
+	    mkdir -p $$d.tmp && cp $$prev/checkpoint.pt $$prev/recipe.yaml $$prev/train_log.csv $$d.tmp/ && mv $$d.tmp $$d; fi; \
+	  echo "gapbench run $(3) --set train.num_epochs=$$e --set name=fashion_ffg_epoch$$e --out $$d"; \
+	  gapbench run $(3) --set train.num_epochs=$$e --set name=fashion_ffg_epoch$$e --out $$d; \
+	  prev=$$d; runs="$$runs $$d"; done; \
+	gapbench report $$runs --out results/$(1)/report
+endef
+
+reproduce-gaps-over-training:
+	$(call over_training,gaps-over-training,$(OVER_TRAINING_EPOCHS),recipes/cremer2018/fashion_ffg.yaml)
+
+reproduce-gaps-over-training-small:
+	$(call over_training,gaps-over-training-small,$(OVER_TRAINING_EPOCHS_SMALL),recipes/cremer2018-followups-small/fashion_ffg.yaml)

@@ -146,12 +146,16 @@ def train(recipe: str, overrides, out: Optional[str], device: Optional[str], res
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default=None, help="Which split (recipe default: test).")
 @click.option("--num-points", type=click.IntRange(min=1), default=None, help="How many datapoints (recipe default: 1000).")
 @click.option("--families", default=None, metavar="F1,F2", help="Local families to fit, e.g. ffg,flow.")
+@click.option("--recipe", "settings_recipe", type=click.Path(dir_okay=False), default=None,
+              help="Take the evaluation settings (evaluate section, device, num_threads) from this recipe "
+                   "instead of the run's own recipe.yaml.")
 @set_option
 @device_option
 @click.option("--resume", is_flag=True, help="Keep finished batches of an interrupted evaluation.")
-def evaluate_gaps(run_dir: str, split, num_points, families, overrides, device, resume: bool) -> None:
+def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, overrides, device, resume: bool) -> None:
     """Estimate L[q], L[q*], IWAE and AIS per datapoint of a trained RUN_DIR; writes gaps/<split>.csv/json."""
-    from gapbench.evaluate import evaluate_run
+    from gapbench.evaluate import _check_overrides, evaluate_run
+    from gapbench.recipe import load_recipe
 
     extra = list(overrides)
     if split is not None:
@@ -160,19 +164,33 @@ def evaluate_gaps(run_dir: str, split, num_points, families, overrides, device, 
         extra.append(f"evaluate.num_points={num_points}")
     if families is not None:
         extra.append(f"evaluate.families=[{families}]")
+    settings = None
+    if settings_recipe is not None:
+        _check_overrides(extra)
+        settings, extra = load_recipe(settings_recipe, extra), []
     bars = _StageBars()
     try:
-        summary = evaluate_run(Path(run_dir), overrides=extra, device=device, resume=resume, callback=bars)
+        summary = evaluate_run(Path(run_dir), overrides=extra, device=device, resume=resume, callback=bars,
+                               settings_from=settings)
     finally:
         bars.close()
     click.echo(summary.summary_line())
 
 
+def _splits(ctx, param, value: str):
+    splits = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in splits if v not in ("train", "valid", "test")]
+    if bad or not splits:
+        raise click.BadParameter(f"{value!r}: give train, valid or test, or several separated by commas (train,test)")
+    return splits if len(splits) > 1 else splits[0]
+
+
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (default: RUN_DIR/report for one run).")
-@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test", help="Which split's gaps to tabulate.")
-def report(run_dirs, out: Optional[str], split: str) -> None:
+@click.option("--split", default="test", callback=_splits, metavar="SPLIT[,SPLIT]",
+              help="Which split's gaps to tabulate: train, valid or test; several (train,test) give a column per run and split.")
+def report(run_dirs, out: Optional[str], split) -> None:
     """Tables (md, tex, csv) and figures (png, pdf) of the gaps of one or more runs."""
     from gapbench.report import make_report
 

@@ -12,7 +12,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple, Union
 
 import pandas as pd
 
@@ -129,12 +129,20 @@ def table_latex(runs: Sequence[RunGaps], frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_report(run_dirs: Sequence[Path], out_dir: Path, split: str = "test") -> List[Path]:
-    """Write table.{md,tex,csv} and the figures for ``run_dirs`` into ``out_dir``; returns the paths."""
+def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Sequence[str]] = "test") -> List[Path]:
+    """Write table.{md,tex,csv} and the figures for ``run_dirs`` into ``out_dir``; returns the paths.
+
+    ``split`` may list several splits (e.g. ["train", "test"]): then each run gives one
+    column per split, labelled with it, to set training against held-out points.
+    """
     from gapbench import figures
     from gapbench.io import check_writable
 
-    runs = [load_run_gaps(Path(p), split) for p in run_dirs]
+    splits = [split] if isinstance(split, str) else list(split)
+    runs = [load_run_gaps(Path(p), s) for p in run_dirs for s in splits]
+    if len(splits) > 1:
+        for r in runs:
+            r.label = f"{r.label} [{r.summary.get('split', '?')}]"
     _unique_labels(runs)
     check_writable(out_dir)
     frame = table_frame(runs)

@@ -79,6 +79,32 @@ def test_report_table_matches_the_csv(run_copy, tmp_path):
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"$\pm$" in tex
 
 
+def test_report_sets_training_against_held_out_points(run_copy, tmp_path, capsys):
+    from tests.cli_runner import run_cli
+
+    from tests.stages.conftest import TINY
+
+    evaluate_run(run_copy)
+    # the training points, with the evaluation settings of another recipe file (6 points, FFG only)
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY.replace("num_points: 12", "num_points: 6"))
+    code, _, err = run_cli(["evaluate-gaps", run_copy, "--recipe", other, "--split", "train", "--families", "ffg"], capsys)
+    assert code == 0, err
+    train = pd.read_csv(run_copy / "gaps" / "train.csv")
+    assert len(train) == 6 and "elbo_flow" not in train and (train.split == "train").all()
+    out = tmp_path / "both"
+    code, out_text, err = run_cli(["report", run_copy, "--split", "train,test", "--out", out], capsys)
+    assert code == 0, err
+    table = pd.read_csv(out / "table.csv")
+    assert sorted(table.run.unique()) == ["digits / FFG [test]", "digits / FFG [train]"]
+    for split in ("train", "test"):
+        df = pd.read_csv(run_copy / "gaps" / f"{split}.csv")
+        row = table[(table.quantity == "amortization_gap") & (table.run == f"digits / FFG [{split}]")].iloc[0]
+        assert row["mean"] == pytest.approx(df["amortization_gap"].mean(), abs=1e-3)
+    code, _, err = run_cli(["report", run_copy, "--split", "train,tset", "--out", tmp_path / "bad"], capsys)
+    assert code == 2 and "give train, valid or test" in err and not (tmp_path / "bad").exists()
+
+
 def test_an_interrupted_evaluation_resumes_to_the_same_result(run_copy, trained_tiny, tmp_path):
     """SIGKILL evaluate-gaps after some batches; --resume recomputes nothing finished and ends identical."""
     reference = tmp_path / "reference"
