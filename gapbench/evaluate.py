@@ -223,12 +223,18 @@ def _fitted_ffg(model, ffg_part: Path, num_points: int, device):
     """q*_FFG of the first ``num_points`` datapoints of a batch, from its saved local FFG fit."""
     from gapbench.models.posterior import DiagonalGaussian
 
-    traces = load_torch(ffg_part)["traces"]
+    traces = _load_part(ffg_part)["traces"]
     params = {
         "mean": traces["ffg_mean"][:num_points].to(device),
         "log_var": traces["ffg_log_var"][:num_points].to(device),
     }
     return DiagonalGaussian(model.latent_dim).posterior(params)
+
+
+def _load_part(path: Path) -> Dict:
+    """A finished (stage, batch) file; a damaged one is named with how to recompute it."""
+    return load_torch(path, what="evaluation batch file",
+                      remedy="delete it and run evaluate-gaps again with --resume, which recomputes that batch only")
 
 
 def _ais_sweep(model, x, cfg, seed, init=None) -> Dict[str, torch.Tensor]:
@@ -245,7 +251,7 @@ def _finish(run_path, cfg, recipe, idx, batches, stages, families, encoder_famil
     for stage in stages:
         local_curves = []
         for b in range(len(batches)):
-            saved = load_torch(part(stage, b))
+            saved = _load_part(part(stage, b))
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + float(saved.get("seconds", 0.0))
             for k, v in saved["columns"].items():
                 columns.setdefault(k, []).append(v.numpy())
@@ -254,7 +260,7 @@ def _finish(run_path, cfg, recipe, idx, batches, stages, families, encoder_famil
         if local_curves:
             traces[stage] = _local_trace(local_curves)
     if cfg.ais.enabled:
-        sweep = load_torch(part("ais_sweep", 0))["traces"]
+        sweep = _load_part(part("ais_sweep", 0))["traces"]
         traces["ais_sweep"] = {"num_steps": sweep["steps"].tolist(), "log_px": sweep["log_px"].T.tolist()}
     cols = {k: np.concatenate(v) for k, v in columns.items()}
     df = decompose(cols, encoder_family, families)

@@ -87,8 +87,15 @@ def save_torch(path, obj: Any) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def load_torch(path, map_location="cpu") -> Any:
-    """torch.load with ``weights_only=True``: a checkpoint can hold no code to run."""
+CHECKPOINT_REMEDY = "retrain into a new --out, or copy back an earlier checkpoint.pt and train with --resume"
+
+
+def load_torch(path, map_location="cpu", what: str = "gapbench checkpoint", remedy: str = CHECKPOINT_REMEDY) -> Any:
+    """torch.load with ``weights_only=True``: a checkpoint can hold no code to run.
+
+    A missing or unreadable file raises GapbenchError naming it, ``what`` it should be
+    and the ``remedy``.
+    """
     import torch
 
     try:
@@ -97,8 +104,7 @@ def load_torch(path, map_location="cpu") -> Any:
         raise GapbenchError(f"{path} does not exist") from None
     except Exception as exc:  # unpickling errors, truncation, zip errors
         raise GapbenchError(
-            f"{path} is not a readable gapbench checkpoint ({type(exc).__name__}); "
-            "it may be corrupt or truncated: retrain, or resume from an earlier copy"
+            f"{path} is not a readable {what} ({type(exc).__name__}); it may be corrupt or truncated: {remedy}"
         ) from None
 
 

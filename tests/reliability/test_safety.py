@@ -97,8 +97,16 @@ def test_cli_refuses_a_hostile_partial_batch_file(evaluated_run, tmp_path, capsy
     (target,) = (run / "gaps" / ".partial" / "test").glob("iwae-*-0001.pt")
     shutil.copyfile(hostile, target)
     code, _, err = run_cli(["evaluate-gaps", run, "--resume"], capsys)
-    _assert_one_line_error(code, err, f"{target.name} is not a readable gapbench checkpoint")
+    _assert_one_line_error(code, err, f"{target.name} is not a readable evaluation batch file")
+    assert "delete it and run evaluate-gaps again with --resume" in err
     assert not marker.exists() and not (run / "gaps" / "test.csv").exists()
+    # the advice works: that batch alone is recomputed
+    before = {p.name: p.stat().st_mtime_ns for p in target.parent.glob("*.pt") if p != target}
+    target.unlink()
+    code, _, err = run_cli(["evaluate-gaps", run, "--resume"], capsys)
+    assert code == 0, err
+    assert (run / "gaps" / "test.csv").exists() and target.exists()
+    assert all(target.parent.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())
 
 
 def _yaml_payloads(marker):
