@@ -36,14 +36,17 @@ def main(argv=None) -> None:
     parser.add_argument("--num-chains", type=int, default=DEFAULT_NUM_CHAINS)
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 300, 1000, 3000])
     parser.add_argument("--starts", nargs="+", default=["prior", "encoder"], choices=["prior", "encoder", "ffg"])
+    parser.add_argument("--step-size", default="0.01",
+                        help="starting HMC step size: a number (0.01, as published) or auto (0.1 x the start's scale)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    step_size = args.step_size if args.step_size == "auto" else float(args.step_size)
     model = load_npz_vae(args.fixture)
     print(f"MNIST VAE (latent 50), {args.num_points} simulated points, {args.num_chains} chains, "
-          f"10 leapfrog steps, sigmoid schedule, {torch.get_num_threads()} thread(s); "
+          f"10 leapfrog steps, sigmoid schedule, starting step size {step_size}, {torch.get_num_threads()} thread(s); "
           f"defaults: num_steps={DEFAULT_NUM_STEPS}, num_chains={DEFAULT_NUM_CHAINS}")
     print(f"{'start':>8} {'steps':>6} {'lower':>9} {'upper':>9} {'width':>7} {'max w':>7} {'accept':>7} {'ESS':>6} {'seconds':>8}")
     starts = {"prior": None, "encoder": model.posterior, "ffg": lambda x: _fitted_ffg(model, x, args.seed)}
@@ -51,7 +54,7 @@ def main(argv=None) -> None:
         for num_steps in args.steps:
             t0 = time.perf_counter()
             result = bdmc(model, args.num_points, num_steps=num_steps, num_chains=args.num_chains, seed=args.seed,
-                          init_fn=starts[start])
+                          init_fn=starts[start], step_size=step_size)
             seconds = time.perf_counter() - t0
             width = result.width[result.finite]
             print(f"{start:>8} {num_steps:>6} {result.lower.mean():9.2f} {result.upper.mean():9.2f} "
