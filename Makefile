@@ -98,23 +98,26 @@ $(SMALL_OUT)/%/checkpoint.pt:
 reproduce-followups: $(foreach f,$(FOLLOWUPS),reproduce-$(f))
 reproduce-followups-small: $(foreach f,$(FOLLOWUPS),reproduce-$(f)-small)
 
-# A larger encoder (500-unit layers) against Table 2's model: does the amortization gap shrink?
+# A variant of Table 2's Fashion-MNIST FFG model, then a report of the two side by side:
+# $(1) experiment folder, $(2) recipe in $(4), $(3) the Table 2 results folder.
+define against_table2
+	gapbench run $(4)/$(2).yaml --out results/$(1)/fashion_ffg_$(2)
+	gapbench report $(3)/fashion_ffg results/$(1)/fashion_ffg_$(2) --out results/$(1)/report
+endef
+
+# A larger encoder (500-unit layers): does the amortization gap shrink?
 reproduce-encoder-capacity: $(TABLE2_OUT)/fashion_ffg/checkpoint.pt
-	gapbench run recipes/cremer2018-followups/encoder500.yaml --out results/encoder-capacity/fashion_ffg_encoder500
-	gapbench report $(TABLE2_OUT)/fashion_ffg results/encoder-capacity/fashion_ffg_encoder500 --out results/encoder-capacity/report
+	$(call against_table2,encoder-capacity,encoder500,$(TABLE2_OUT),recipes/cremer2018-followups)
 
 reproduce-encoder-capacity-small: $(SMALL_OUT)/fashion_ffg/checkpoint.pt
-	gapbench run recipes/cremer2018-followups-small/encoder500.yaml --out results/encoder-capacity-small/fashion_ffg_encoder500
-	gapbench report $(SMALL_OUT)/fashion_ffg results/encoder-capacity-small/fashion_ffg_encoder500 --out results/encoder-capacity-small/report
+	$(call against_table2,encoder-capacity-small,encoder500,$(SMALL_OUT),recipes/cremer2018-followups-small)
 
-# A larger decoder (500-unit layers) against Table 2's model.
+# A larger decoder (500-unit layers).
 reproduce-decoder-capacity: $(TABLE2_OUT)/fashion_ffg/checkpoint.pt
-	gapbench run recipes/cremer2018-followups/decoder500.yaml --out results/decoder-capacity/fashion_ffg_decoder500
-	gapbench report $(TABLE2_OUT)/fashion_ffg results/decoder-capacity/fashion_ffg_decoder500 --out results/decoder-capacity/report
+	$(call against_table2,decoder-capacity,decoder500,$(TABLE2_OUT),recipes/cremer2018-followups)
 
 reproduce-decoder-capacity-small: $(SMALL_OUT)/fashion_ffg/checkpoint.pt
-	gapbench run recipes/cremer2018-followups-small/decoder500.yaml --out results/decoder-capacity-small/fashion_ffg_decoder500
-	gapbench report $(SMALL_OUT)/fashion_ffg results/decoder-capacity-small/fashion_ffg_decoder500 --out results/decoder-capacity-small/report
+	$(call against_table2,decoder-capacity-small,decoder500,$(SMALL_OUT),recipes/cremer2018-followups-small)
 
 # Table 2's model on training points beside its held-out (test) points: one column each.
 reproduce-train-vs-heldout: $(TABLE2_OUT)/fashion_ffg/checkpoint.pt
