@@ -103,7 +103,7 @@ def test_benchmark_runs_and_prints_every_comparison(model, capsys):
         return z, model.sample_x(z)
 
     cfg = speed.Config(3, 2, 3, 2, ais_steps=8, ais_chains=4, ais_ladder=(2,), iwae_samples=100,
-                       max_steps=60, digits_epochs=1)
+                       max_steps=60, published_max_steps=60, digits_epochs=1)
     rows = speed.bench_model("toy", wrapped, simulate, 3, 2, cfg, seed=0, log=lambda msg: None)
     assert [(r.estimator, r.compared_at) for r in rows] == [
         ("local FFG", "equal settings"), ("local FFG", "equal final ELBO"), ("local flow", "equal settings"),
