@@ -36,7 +36,11 @@ def test_points_are_chosen_reproducibly_per_split():
 
 
 def test_evaluation_writes_every_estimate_and_gap_per_datapoint(run_copy):
+    started = time.time()
     summary = evaluate_run(run_copy)
+    wall = time.time() - started
+    # each stage's time is the sum of its batches' own times: together no more than the wall time
+    assert 0 < sum(summary.summary["stage_seconds"].values()) <= wall
     df = pd.read_csv(run_copy / "gaps" / "test.csv")
     assert len(df) == 12 and df["index"].is_monotonic_increasing
     for col in ("elbo_q", "elbo_ffg", "elbo_flow", "iwae", "ais", "log_px", "approximation_gap",
