@@ -247,7 +247,7 @@ def bench_model(name: str, model, simulate, num_points: int, ais_points: int, cf
         f"batched, from q*_FFG, {flow_desc}", "one at a time, same",
         f"L[q*] {_mean(ours.value.elbo):.2f}, {ours.value.num_steps.double().mean():.0f} steps",
         f"L[q*] {_mean(ref.value.elbo):.2f} ({diff:+.3f}), {ref.value.num_steps.double().mean():.0f} steps",
-        target=5.0, extra={"accuracy_ok": abs(diff) <= 0.05, "elbo_diff": diff},
+        extra={"elbo_diff": diff},  # batching alone; the 5x target is the FFG's, at equal final ELBO
     ))
 
     # AIS: forward + reverse (BDMC) on simulated data.
