@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gapbench.models.posterior import DiagonalGaussian, FamilyPosterior
+from gapbench.models.vae import overrides_density, remember_densities
 from gapbench.ops import LOG_2PI, log_bernoulli, log_standard_normal
 
 
@@ -200,6 +201,8 @@ class NpzVAE(nn.Module):
 
     def mlp_decoder(self):
         """The decoder's layers and activation, for the hand-derived gradient of gapbench.inference.gradients."""
+        if overrides_density(self, NpzVAE):
+            return None
         return [(m.weight, m.bias) for m in (self.fc4, self.fc5, self.fc6)], "elu"
 
     def posterior(self, x: Tensor) -> FamilyPosterior:
@@ -234,3 +237,6 @@ def load_npz_vae(path: Union[str, Path]) -> NpzVAE:
             raise ValueError(f"{path} lacks arrays {', '.join(missing)}")
         arrays = {k: data[k] for k in data.files}
     return NpzVAE(arrays)
+
+
+remember_densities(NpzVAE)

@@ -73,3 +73,25 @@ def test_ais_gives_the_same_chains_with_either_gradient(start):
     slow = ais(_Opaque(model), x, num_steps=30, num_chains=3, init=init, seed=4)
     assert torch.allclose(fast.log_px, slow.log_px, atol=1e-9)
     assert torch.allclose(fast.z, slow.z, atol=1e-9)
+
+
+def test_a_changed_density_falls_back_to_autograd(monkeypatch):
+    """A subclass or a patch that changes log p(x|z) must not get the plain MLP's gradient."""
+    from gapbench.models.vae import VAE
+
+    torch.manual_seed(0)
+    model = build_vae((1, 2, 3), latent_dim=2, decoder_hidden=(5,), encoder_hidden=(5,)).double().requires_grad_(False)
+    x = (torch.rand(3, 1, 2, 3) < 0.5).double()
+    z = torch.randn(4, 3, 2, dtype=torch.float64)
+
+    class Tempered(VAE):
+        def log_likelihood(self, x, z):
+            return 0.5 * super().log_likelihood(x, z)
+
+    tempered = Tempered(model.encoder, model.decoder, model.likelihood, model.family, model.input_shape)
+    assert mlp_decoder(model) is not None and mlp_decoder(tempered) is None
+    value, grad = log_joint_and_grad(tempered, x, z)
+    ref_value, ref_grad = _autograd(tempered, x, z)
+    assert torch.allclose(value, ref_value) and torch.allclose(grad, ref_grad)
+    monkeypatch.setattr(VAE, "log_likelihood", Tempered.log_likelihood)
+    assert mlp_decoder(model) is None
