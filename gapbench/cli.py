@@ -44,6 +44,7 @@ class _TrainBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 class _StageBars:
@@ -226,7 +227,7 @@ def run(recipe: str, overrides, out: Optional[str], device: Optional[str]) -> No
             device=device,
             train_callback=bar,
             eval_callback=bars,
-            stage_callback=lambda msg: click.echo(msg, err=True),
+            stage_callback=lambda msg: (bar.close(), click.echo(msg, err=True)),  # a finished stage's bar stops its clock
         )
     finally:
         bar.close()
