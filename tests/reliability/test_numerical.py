@@ -136,3 +136,20 @@ def test_diverging_training_exits_2_with_one_line_and_keeps_a_loadable_finite_ch
     assert ckpt["model"] and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert all(torch.isfinite(v).all() for s in ckpt["optimizer"]["state"].values() for v in s.values())
     assert not (run / "meta.json").exists()  # the run did not finish, and says so by its files
+
+
+def test_a_flow_encoder_may_beat_the_best_ffg_without_a_violation():
+    """L[q] <= L[q*] is required of families that contain the encoder's, not of the FFG under a flow encoder."""
+    cols = _columns()
+    cols["elbo_flow"] = np.maximum(cols["elbo_ffg"], cols["elbo_q"]) + 0.2  # the flow q* above the encoder q
+    cols["elbo_ffg"] = cols["elbo_q"] - 5.0  # the best FFG far below the flow q: no violation
+    df = decompose(cols, "flow", ["ffg", "flow"])
+    assert df["order_ok"].all()
+    summary = summarize(df, "flow", ["ffg", "flow"])
+    assert summary["num_order_violations"] == 0 and "elbo_q > elbo_ffg" not in summary["order_violations"]
+    assert summary["order_violations"]["elbo_q > elbo_flow"]["count"] == 0
+    # ... while q*_FFG above log p̂(x) still is one, and so is L[q] above L[q*_Flow]
+    cols["elbo_ffg"][2] = 0.0
+    cols["elbo_flow"][4] = cols["elbo_q"][4] - 1.0
+    df = decompose(cols, "flow", ["ffg", "flow"])
+    assert df["order_ok"].tolist() == [True, True, False, True, False, True]
