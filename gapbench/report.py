@@ -157,7 +157,9 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
     for name, fig in figures.all_figures(runs):
         for ext in ("png", "pdf"):
             buf = io.BytesIO()
-            fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight")
+            # no creation date in the PDF: the same gaps give byte-identical figures
+            fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight",
+                        metadata={"CreationDate": None} if ext == "pdf" else None)
             write_bytes(out_dir / f"{name}.{ext}", buf.getvalue())
             written.append(out_dir / f"{name}.{ext}")
         figures.close(fig)
