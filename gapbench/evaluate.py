@@ -148,7 +148,6 @@ def evaluate_run(
         return partial / f"{stage}-{keys[stage]}-{b:04d}.pt"
 
     batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-    timings: Dict[str, float] = {}
     for stage in stages + (["ais_sweep"] if cfg.ais.enabled else []):
         todo = [b for b in range(len(batches)) if not part(stage, b).exists()]
         num_batches = 1 if stage == "ais_sweep" else len(batches)
@@ -157,14 +156,12 @@ def evaluate_run(
         label = stage_label(stage) if stage != "ais_sweep" else "AIS convergence sweep"
         if callback:
             callback(label, num_batches - len(todo), num_batches)
-        tic = time.time()
         for b in todo:
             started = time.time()
             seed = _stage_seed(recipe.seed, stage, b)
             ffg_part = part("local_ffg", b) if "local_ffg" in keys else None
             if stage == "ais_sweep":
-                n = min(AIS_SWEEP_POINTS, len(batches[0]))
-                xb = x_all[batches[0][:n]].to(dev)
+                xb = x_all[batches[0][:AIS_SWEEP_POINTS]].to(dev)
                 init = _ais_start(cfg, model, xb, ffg_part)
                 result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init)}
             else:
@@ -185,9 +182,8 @@ def evaluate_run(
             save_torch(part(stage, b), result)
             if callback:
                 callback(label, num_batches - len(todo) + todo.index(b) + 1, num_batches)
-        timings[stage] = time.time() - tic
 
-    return _finish(run.path, cfg, recipe, idx, batches, stages, families, encoder_family, part, timings, dev)
+    return _finish(run.path, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev)
 
 
 def _stage_key(stage: str, cfg) -> str:
@@ -245,7 +241,7 @@ def _ais_sweep(model, x, cfg, seed, init=None) -> Dict[str, torch.Tensor]:
     return {"steps": torch.tensor(grid), "log_px": torch.stack(values)}
 
 
-def _finish(run_path, cfg, recipe, idx, batches, stages, families, encoder_family, part, timings, dev) -> EvalSummary:
+def _finish(run_path, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev) -> EvalSummary:
     columns: Dict[str, List[np.ndarray]] = {}
     traces: Dict[str, Dict] = {}
     stage_seconds: Dict[str, float] = {}

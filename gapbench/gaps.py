@@ -169,6 +169,20 @@ def _per_point(value, n: int) -> torch.Tensor:
     return t
 
 
+def order_pairs(encoder_family: str, families: Sequence[str]) -> List[Tuple[str, str, str]]:
+    """The bound orders to check, as (name, lower column, higher column).
+
+    L[q*] <= log p̂(x) for every family; L[q] <= L[q*] for the families that contain
+    the encoder's (:func:`contains_encoder_family`).
+    """
+    pairs = []
+    for fam in dict.fromkeys(list(families) + [encoder_family]):
+        if contains_encoder_family(fam, encoder_family):
+            pairs.append((f"elbo_q > elbo_{fam}", "elbo_q", f"elbo_{fam}"))
+        pairs.append((f"elbo_{fam} > log_px", f"elbo_{fam}", "log_px"))
+    return pairs
+
+
 def contains_encoder_family(family: str, encoder_family: str) -> bool:
     """Whether q* of ``family`` must do at least as well as the encoder's q: L[q] <= L[q*_family].
 
@@ -196,10 +210,8 @@ def decompose(columns: Dict[str, np.ndarray], encoder_family: str, families: Seq
     df["finite"] = np.isfinite(df[list(dict.fromkeys(estimates))]).all(axis=1)
     # The order L[q] <= L[q*] <= log p̂(x), per family; violations are kept, flagged and counted.
     order_ok = np.ones(len(df), dtype=bool)
-    for fam in dict.fromkeys(list(families) + [encoder_family]):
-        if contains_encoder_family(fam, encoder_family):
-            order_ok &= (df[f"elbo_{fam}"] >= df["elbo_q"]).to_numpy() | ~df["finite"].to_numpy()
-        order_ok &= (df["log_px"] >= df[f"elbo_{fam}"]).to_numpy() | ~df["finite"].to_numpy()
+    for _, low, high in order_pairs(encoder_family, families):
+        order_ok &= (df[high] >= df[low]).to_numpy() | ~df["finite"].to_numpy()
     df["order_ok"] = order_ok
     return df
 
@@ -229,18 +241,14 @@ def summarize(df: pd.DataFrame, encoder_family: str, families: Sequence[str]) ->
             "n": int(n),
         }
     violations = {}
-    for fam in dict.fromkeys(list(families) + [encoder_family]):
-        pairs = [(f"elbo_{fam} > log_px", f"elbo_{fam}", "log_px")]
-        if contains_encoder_family(fam, encoder_family):
-            pairs.insert(0, (f"elbo_q > elbo_{fam}", "elbo_q", f"elbo_{fam}"))
-        for name, low, high in pairs:
-            diff = (ok[low] - ok[high]).to_numpy()
-            bad = diff[diff > 0]
-            violations[name] = {
-                "count": int(bad.size),
-                "mean_size": float(bad.mean()) if bad.size else 0.0,
-                "max_size": float(bad.max()) if bad.size else 0.0,
-            }
+    for name, low, high in order_pairs(encoder_family, families):
+        diff = (ok[low] - ok[high]).to_numpy()
+        bad = diff[diff > 0]
+        violations[name] = {
+            "count": int(bad.size),
+            "mean_size": float(bad.mean()) if bad.size else 0.0,
+            "max_size": float(bad.max()) if bad.size else 0.0,
+        }
     out = {
         "num_points": int(len(df)),
         "num_finite": int(df["finite"].sum()),

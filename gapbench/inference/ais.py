@@ -31,7 +31,7 @@ from gapbench.inference.gradients import log_joint_and_grad
 from gapbench.inference.hmc import HMCState, hmc_step
 from gapbench.models.posterior import DiagonalGaussian, FamilyPosterior
 from gapbench.inference.schedule import annealing_schedule
-from gapbench.ops import log_normal, log_standard_normal, logmeanexp
+from gapbench.ops import log_normal, logmeanexp
 
 logger = logging.getLogger("gapbench.inference")
 
@@ -101,23 +101,29 @@ def _tempered_fn(model, x: Tensor, p0, beta: float):
     def fn(z: Tensor, need_value: bool = True):
         log_p0, grad_p0 = _log_prob_and_grad(p0, z)
         log_pxz, grad_pxz = log_joint_and_grad(model, x, z, need_value)
-        grad = grad_p0 + beta * (grad_pxz - grad_p0)
-        if not need_value:
-            return None, grad, None
         aux = (log_p0, log_pxz, grad_p0, grad_pxz)
-        return log_p0 + beta * (log_pxz - log_p0), grad, aux
+        log_f, grad = _combine(beta, aux)
+        return (log_f, grad, aux) if need_value else (None, grad, None)
 
     return fn
 
 
-def _log_prob_and_grad(p0, z: Tensor) -> Tuple[Tensor, Tensor]:
-    """log p0(z) [C, N] and its gradient [C, N, D]: in closed form for N(0, I) and FFGs, else autograd."""
+def _gaussian_moments(p0) -> Optional[Tuple[Tensor, Tensor]]:
+    """(mean, log_var) [n, D] of a diagonal-Gaussian start (the prior, an FFG q), else None."""
     if isinstance(p0, StandardNormalPrior):
-        return log_standard_normal(z), -z
+        zeros = torch.zeros(p0.num_points, p0.latent_dim, dtype=p0.dtype, device=p0.device)
+        return zeros, zeros
     if isinstance(p0, FamilyPosterior) and isinstance(p0.family, DiagonalGaussian):
-        mean, log_var = p0.params["mean"], p0.params["log_var"]
-        precision = torch.exp(-log_var)
-        return log_normal(z, mean, log_var), (mean - z) * precision
+        return p0.params["mean"], p0.params["log_var"]
+    return None
+
+
+def _log_prob_and_grad(p0, z: Tensor) -> Tuple[Tensor, Tensor]:
+    """log p0(z) [C, N] and its gradient [C, N, D]: in closed form for diagonal Gaussians, else autograd."""
+    moments = _gaussian_moments(p0)
+    if moments is not None:
+        mean, log_var = moments
+        return log_normal(z, mean, log_var), (mean - z) * torch.exp(-log_var)
     z0 = z.detach().requires_grad_(True)
     with torch.enable_grad():
         log_p0 = p0.log_prob(z0)
@@ -125,9 +131,11 @@ def _log_prob_and_grad(p0, z: Tensor) -> Tuple[Tensor, Tensor]:
     return log_p0.detach(), grad
 
 
-def _combine(beta: float, aux) -> Tuple[Tensor, Tensor]:
+def _combine(beta: float, aux) -> Tuple[Optional[Tensor], Tensor]:
+    """log f_beta and its gradient from aux; the value is None where log p(x, z) was not computed."""
     log_p0, log_pxz, grad_p0, grad_pxz = aux
-    return log_p0 + beta * (log_pxz - log_p0), grad_p0 + beta * (grad_pxz - grad_p0)
+    log_f = None if log_pxz is None else log_p0 + beta * (log_pxz - log_p0)
+    return log_f, grad_p0 + beta * (grad_pxz - grad_p0)
 
 
 def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, step_size_range, record_every):
@@ -173,10 +181,9 @@ def _auto_step_size(p0, step_size_range) -> Tensor:
     adaptation has time to grow it; a short schedule from a narrow q(z|x) spends
     most of its transitions growing the step size instead (see benchmarks/speed.py).
     """
-    if isinstance(p0, StandardNormalPrior):
-        log_std = torch.zeros(p0.num_points, dtype=p0.dtype, device=p0.device)
-    elif isinstance(p0, FamilyPosterior) and isinstance(p0.family, DiagonalGaussian):
-        log_std = 0.5 * p0.params["log_var"].mean(-1)
+    moments = _gaussian_moments(p0)
+    if moments is not None:
+        log_std = 0.5 * moments[1].mean(-1)
     else:
         with torch.no_grad():
             log_std = p0.sample(64).std(0).clamp_min(1e-12).log().mean(-1)
