@@ -194,6 +194,7 @@ def _stage_key(stage: str, cfg) -> str:
         relevant = {"iwae_samples": cfg.iwae_samples}
     elif stage in ("ais", "ais_sweep"):
         relevant = dataclasses.asdict(cfg.ais)
+        del relevant["compile"]  # speed only: compiled and eager AIS give the same estimates
         if cfg.ais.init == "ffg":  # AIS then starts at q*_FFG, which depends on the local settings
             relevant["local"] = dataclasses.asdict(cfg.local)
     else:  # local fits; a flow started at q*_FFG depends on the FFG fit's settings too

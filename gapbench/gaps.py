@@ -157,6 +157,7 @@ def run_ais(model, x: torch.Tensor, cfg: EvaluateConfig, seed: int, num_steps: O
         schedule=a.schedule,
         init=init,
         seed=seed,
+        compile=a.compile,
     )
 
 

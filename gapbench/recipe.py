@@ -113,6 +113,9 @@ class AISConfig:
     # The first distribution of the path: the prior (the paper), the encoder's q, or this
     # datapoint's fitted q*_FFG (needs the local FFG fit; valid for every encoder family).
     init: Literal["prior", "encoder", "ffg"] = "prior"
+    # Run each transition through torch.compile (on a GPU also as a CUDA graph), falling back
+    # to eager PyTorch where that fails. Speed only: results agree up to rounding.
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ per datapoint, in nats, as float64.
 from gapbench.inference.ais import AISResult, AISTrace, ais, ais_reverse, effective_sample_size
 from gapbench.inference.bdmc import BDMCResult, bdmc
 from gapbench.inference.bounds import elbo, iwae
-from gapbench.inference.hmc import HMCInfo, HMCState, hmc_init, hmc_step, leapfrog
+from gapbench.inference.hmc import HMCInfo, HMCState, hmc_init, hmc_step, hmc_transition, leapfrog
 from gapbench.inference.local import FitTrace, LocalFit, fit_local
 from gapbench.inference.schedule import annealing_schedule
 
@@ -35,6 +35,7 @@ __all__ = [
     "fit_local",
     "hmc_init",
     "hmc_step",
+    "hmc_transition",
     "iwae",
     "leapfrog",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -27,8 +28,9 @@ from gapbench.inference._common import (
     seeded,
     start_distribution,
 )
-from gapbench.inference.gradients import log_joint_and_grad
-from gapbench.inference.hmc import HMCState, hmc_step
+from gapbench.inference.compiled import compiled
+from gapbench.inference.gradients import log_joint_and_grad, mlp_decoder, mlp_log_joint_and_grad
+from gapbench.inference.hmc import HMCState, hmc_step, hmc_transition
 from gapbench.models.posterior import DiagonalGaussian, FamilyPosterior
 from gapbench.inference.schedule import annealing_schedule
 from gapbench.ops import log_normal, logmeanexp
@@ -89,18 +91,20 @@ def effective_sample_size(log_weights: Tensor) -> Tensor:
     return 1.0 / (w**2).sum(0)
 
 
-def _tempered_fn(model, x: Tensor, p0, beta: float):
+def _tempered(log_p0_fn, log_joint_fn, beta):
     """z -> (log f_beta [C, N], grad [C, N, D], aux) with one pass through the model.
 
-    aux = (log p0, log p(x, z), grad log p0, grad log p(x, z)), which give f and its
-    gradient at any other beta without evaluating the model again. With
-    ``need_value=False`` (leapfrog steps before the last) only the gradient is
-    returned, as (None, grad, None), which saves the log-density's own arithmetic.
+    ``log_p0_fn(z)`` -> (log p0 [C, N], its gradient); ``log_joint_fn(z, need_value)`` ->
+    (log p(x, z) or None, its gradient). aux = (log p0, log p(x, z), grad log p0,
+    grad log p(x, z)), which give f and its gradient at any other beta without
+    evaluating the model again. With ``need_value=False`` (leapfrog steps before
+    the last) only the gradient is returned, as (None, grad, None), which saves
+    the log-density's own arithmetic. beta: a float or a 0-d tensor.
     """
 
     def fn(z: Tensor, need_value: bool = True):
-        log_p0, grad_p0 = _log_prob_and_grad(p0, z)
-        log_pxz, grad_pxz = log_joint_and_grad(model, x, z, need_value)
+        log_p0, grad_p0 = log_p0_fn(z)
+        log_pxz, grad_pxz = log_joint_fn(z, need_value)
         aux = (log_p0, log_pxz, grad_p0, grad_pxz)
         log_f, grad = _combine(beta, aux)
         return (log_f, grad, aux) if need_value else (None, grad, None)
@@ -108,11 +112,17 @@ def _tempered_fn(model, x: Tensor, p0, beta: float):
     return fn
 
 
+def _tempered_fn(model, x: Tensor, p0, beta: float):
+    """:func:`_tempered` for any model (autograd, or its hand gradient) and any start p0."""
+    return _tempered(partial(_log_prob_and_grad, p0), partial(log_joint_and_grad, model, x), beta)
+
+
 def _gaussian_moments(p0) -> Optional[Tuple[Tensor, Tensor]]:
     """(mean, log_var) [n, D] of a diagonal-Gaussian start (the prior, an FFG q), else None."""
     if isinstance(p0, StandardNormalPrior):
-        zeros = torch.zeros(p0.num_points, p0.latent_dim, dtype=p0.dtype, device=p0.device)
-        return zeros, zeros
+        shape = (p0.num_points, p0.latent_dim)
+        return (torch.zeros(shape, dtype=p0.dtype, device=p0.device),
+                torch.zeros(shape, dtype=p0.dtype, device=p0.device))  # two tensors: compiled code guards on aliasing
     if isinstance(p0, FamilyPosterior) and isinstance(p0.family, DiagonalGaussian):
         return p0.params["mean"], p0.params["log_var"]
     return None
@@ -122,13 +132,64 @@ def _log_prob_and_grad(p0, z: Tensor) -> Tuple[Tensor, Tensor]:
     """log p0(z) [C, N] and its gradient [C, N, D]: in closed form for diagonal Gaussians, else autograd."""
     moments = _gaussian_moments(p0)
     if moments is not None:
-        mean, log_var = moments
-        return log_normal(z, mean, log_var), (mean - z) * torch.exp(-log_var)
+        return _gaussian_log_prob_and_grad(*moments, z)
     z0 = z.detach().requires_grad_(True)
     with torch.enable_grad():
         log_p0 = p0.log_prob(z0)
         (grad,) = torch.autograd.grad(log_p0.sum(), z0)
     return log_p0.detach(), grad
+
+
+def _gaussian_log_prob_and_grad(mean: Tensor, log_var: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
+    """log N(z; mean, diag exp(log_var)) [C, N] and its gradient (mean - z) / var [C, N, D]."""
+    return log_normal(z, mean, log_var), (mean - z) * torch.exp(-log_var)
+
+
+def _mlp_transition(z, aux, eps, beta, momentum, uniform, x_flat, mean, log_var, weights, biases,
+                    activation: str, num_leapfrog: int):
+    """One AIS transition (an HMC step at temperature beta) for an MLP decoder from a Gaussian p0.
+
+    The same arithmetic as the general path (:func:`_tempered_fn` with the hand
+    gradient, :func:`hmc_transition`), written as a pure function of tensors
+    so that ``torch.compile`` can trace the whole trajectory: z [C, N, D], aux as
+    in :func:`_tempered`, eps [C, N], beta 0-d, momentum [C, N, D], uniform [C, N],
+    x_flat [N, P], mean and log_var [N, D], the decoder's weights and biases.
+    Returns (z, aux, accept_prob) after the transition.
+    """
+    layers = list(zip(weights, biases))
+    fn = _tempered(partial(_gaussian_log_prob_and_grad, mean, log_var),
+                   partial(mlp_log_joint_and_grad, layers, activation, x_flat), beta)
+    log_f, grad = _combine(beta, aux)
+    state, info = hmc_transition(HMCState(z, log_f, grad, aux), eps, num_leapfrog, fn, momentum, uniform,
+                                 takes_need_value=True)
+    return state.z, state.aux, info.accept_prob
+
+
+def _compiled_step(model, x: Tensor, p0, num_leapfrog: int):
+    """The compiled transition (z, aux, eps, beta, momentum, uniform) -> (z, aux, accept_prob), or None.
+
+    Compiling covers models with :func:`mlp_decoder` annealed from a diagonal
+    Gaussian (the prior, an FFG q or q*_FFG): every model and start of gapbench's own
+    recipes. Others run eagerly (said in an info-level log line).
+    """
+    spec, moments = mlp_decoder(model), _gaussian_moments(p0)
+    if spec is None or moments is None:
+        logger.info("AIS compile: applies to MLP decoders with Bernoulli pixels from a Gaussian start; "
+                    "%s from %s runs without compiling", type(model).__name__, type(p0).__name__)
+        return None
+    layers, activation = spec
+    weights, biases = [w for w, _ in layers], [b for _, b in layers]
+    # Contiguous copies: the compiled code is specialized to its inputs' strides.
+    mean, log_var = (t.contiguous() for t in moments)
+    x_flat = x.reshape(x.shape[0], -1).to(mean.dtype).contiguous()
+    step = compiled(_mlp_transition, x.device)
+
+    def fn(z, aux, eps, beta, momentum, uniform):
+        beta_t = torch.tensor(beta, dtype=z.dtype, device=z.device)  # a tensor: no recompile per beta
+        return step(z, aux, eps, beta_t, momentum, uniform, x_flat, mean, log_var, weights, biases,
+                    activation, num_leapfrog)
+
+    return fn
 
 
 def _combine(beta: float, aux) -> Tuple[Optional[Tensor], Tensor]:
@@ -138,7 +199,8 @@ def _combine(beta: float, aux) -> Tuple[Optional[Tensor], Tensor]:
     return log_f, grad_p0 + beta * (grad_pxz - grad_p0)
 
 
-def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, step_size_range, record_every):
+def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, step_size_range, record_every,
+            compile=False):
     """Run C chains per datapoint through the densities f_{betas[0]} .. f_{betas[-1]}.
 
     log w = sum_i (betas[i] - betas[i-1]) (log p(x, z_{i-1}) - log p0(z_{i-1})), accumulated in float64.
@@ -151,15 +213,20 @@ def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, 
     smoothed = None
     steps, beta_rec, log_z_rec = [], [], []
     aux = _tempered_fn(model, x, p0, float(betas[0]))(z)[2]
+    step = _compiled_step(model, x, p0, num_leapfrog) if compile else None
     num_transitions = len(betas) - 1
     for i in range(1, num_transitions + 1):
         beta = float(betas[i])
         log_w += (betas[i] - betas[i - 1]) * (aux[1] - aux[0]).double()
-        log_f, grad = _combine(beta, aux)
-        state = HMCState(z, log_f, grad, aux)
-        state, info = hmc_step(state, eps, num_leapfrog, _tempered_fn(model, x, p0, beta))
-        z, aux = state.z, state.aux
-        accept = info.accept_prob.double()
+        if step is None:
+            log_f, grad = _combine(beta, aux)
+            state, info = hmc_step(HMCState(z, log_f, grad, aux), eps, num_leapfrog, _tempered_fn(model, x, p0, beta))
+            z, aux, accept_prob = state.z, state.aux, info.accept_prob
+        else:  # the same draws, in the same order, as hmc_step's
+            momentum = torch.randn(z.shape, dtype=z.dtype, device=z.device)
+            uniform = torch.rand(z.shape[:-1], dtype=aux[0].dtype, device=z.device)
+            z, aux, accept_prob = step(z, aux, eps, beta, momentum, uniform)
+        accept = accept_prob.double()
         accept_sum += accept
         smoothed = accept if smoothed is None else ACCEPTANCE_SMOOTHING * smoothed + (1 - ACCEPTANCE_SMOOTHING) * accept
         eps = torch.where(smoothed > target_acceptance, eps * 1.02, eps * 0.98).clamp(lo, hi)
@@ -192,7 +259,7 @@ def _auto_step_size(p0, step_size_range) -> Tensor:
 
 
 def _run(model, x, init, z_start, reverse, num_steps, num_chains, num_leapfrog, schedule, step_size,
-         target_acceptance, step_size_range, chunk_size, record_every, seed) -> AISResult:
+         target_acceptance, step_size_range, chunk_size, record_every, seed, compile) -> AISResult:
     latent_dim = check_model(model)
     num_points = check_batch(x)
     if num_chains < 1 or num_leapfrog < 1:
@@ -219,7 +286,7 @@ def _run(model, x, init, z_start, reverse, num_steps, num_chains, num_leapfrog, 
                     z0 = p0.sample(num_chains).detach()  # [C, n, D]
             eps0 = _auto_step_size(p0, step_size_range) if step_size == "auto" else float(step_size)
             parts.append(_anneal(model, x[idx], p0, z0, betas, num_leapfrog, eps0, target_acceptance,
-                                 step_size_range, record_every))
+                                 step_size_range, record_every, compile))
     log_w = torch.cat([p[0] for p in parts], dim=1)
     acceptance = torch.cat([p[1] for p in parts], dim=1).mean(0)
     eps = torch.cat([p[2] for p in parts], dim=1)
@@ -256,6 +323,7 @@ def ais(
     chunk_size: Optional[int] = None,
     record_every: Optional[int] = None,
     seed: Optional[int] = None,
+    compile: bool = False,
 ) -> AISResult:
     """Estimate log p(x) per datapoint by annealed importance sampling with HMC.
 
@@ -284,12 +352,17 @@ def ais(
         chunk_size: most datapoints annealed at once (memory ~ C * chunk_size); None: all.
         record_every: also return the running estimate every this many transitions (:class:`AISTrace`).
         seed: run under this seed without disturbing the global generator.
+        compile: run each transition through ``torch.compile`` (on a CUDA device also as a
+            CUDA graph); falls back to eager PyTorch, with a warning, where compiling fails.
+            Applies to MLP decoders with Bernoulli pixels from a diagonal-Gaussian start;
+            the same random draws as without it, so results agree up to rounding. The first
+            call per chunk shape compiles (about 10 s on a CPU).
 
     Returns:
         :class:`AISResult`. Neal 2001; Wu et al. 2017.
     """
     return _run(model, x, init, None, False, num_steps, num_chains, num_leapfrog, schedule, step_size,
-                target_acceptance, step_size_range, chunk_size, record_every, seed)
+                target_acceptance, step_size_range, chunk_size, record_every, seed, compile)
 
 
 def ais_reverse(
@@ -308,6 +381,7 @@ def ais_reverse(
     chunk_size: Optional[int] = None,
     record_every: Optional[int] = None,
     seed: Optional[int] = None,
+    compile: bool = False,
 ) -> AISResult:
     """Reverse AIS: anneal from the posterior back to p0, starting at exact posterior samples z.
 
@@ -330,4 +404,4 @@ def ais_reverse(
     if z.dim() != 3 or z.shape[1] != x.shape[0] or z.shape[0] not in (1, num_chains):
         raise ValueError(f"z must be [N, D] or [C, N, D] with N = {x.shape[0]} and C = {num_chains}, got {tuple(z.shape)}")
     return _run(model, x, init, z, True, num_steps, num_chains, num_leapfrog, schedule, step_size,
-                target_acceptance, step_size_range, chunk_size, record_every, seed)
+                target_acceptance, step_size_range, chunk_size, record_every, seed, compile)

@@ -82,6 +82,17 @@ def log_joint_and_grad(model, x: Tensor, z: Tensor, need_value: bool = True) -> 
             (grad,) = torch.autograd.grad(value.sum(), z1)
         return value.detach(), grad
     layers, activation = spec
+    return mlp_log_joint_and_grad(layers, activation, _flat_data(x, z.dtype), z, need_value)
+
+
+def mlp_log_joint_and_grad(
+    layers: List[Tuple[Tensor, Tensor]], activation: str, x_flat: Tensor, z: Tensor, need_value: bool = True
+) -> Tuple[Optional[Tensor], Tensor]:
+    """:func:`log_joint_and_grad` for an MLP decoder given as tensors (see :func:`mlp_decoder`).
+
+    layers [(weight [out, in], bias [out]), ...], x_flat [N, P] in z's dtype, z [S, N, D].
+    A pure function of tensors, which ``torch.compile`` can trace whole.
+    """
     act = _ACT_FN[activation]
     num_samples, num_points, dim = z.shape
     with torch.no_grad():
@@ -92,11 +103,10 @@ def log_joint_and_grad(model, x: Tensor, z: Tensor, need_value: bool = True) -> 
             hidden.append(h)
         weight, bias = layers[-1]
         logits = F.linear(h, weight, bias).reshape(num_samples, num_points, -1)  # [S, N, P]
-        xf = _flat_data(x, logits.dtype)  # [N, P]
         value = None
         if need_value:
-            value = log_standard_normal(z) + log_bernoulli(xf, logits)
-        g = torch.sigmoid(logits).neg_().add_(xf).reshape(num_samples * num_points, -1)  # x - sigmoid(l)
+            value = log_standard_normal(z) + log_bernoulli(x_flat, logits)
+        g = torch.sigmoid(logits).neg_().add_(x_flat).reshape(num_samples * num_points, -1)  # x - sigmoid(l)
         g = g @ weight
         for (weight, _), h in zip(reversed(layers[:-1]), reversed(hidden)):
             g = g.mul_(_act_grad(h, activation)) @ weight

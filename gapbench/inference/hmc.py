@@ -60,6 +60,7 @@ def leapfrog(
     step_size: Tensor,
     num_steps: int,
     log_density_and_grad_fn: LogDensityAndGradFn,
+    takes_need_value: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, tuple]:
     """Integrate Hamilton's equations for H(z, p) = -log f(z) + |p|^2/2 by the leapfrog scheme.
 
@@ -70,6 +71,7 @@ def leapfrog(
         step_size: eps, broadcastable to [...] (one per chain) or a float.
         num_steps: L, leapfrog steps (L evaluations of the target).
         log_density_and_grad_fn: z -> (log f [...], grad [..., D], aux).
+        takes_need_value: whether that function takes ``need_value``; None: read off its signature.
 
     Returns:
         (z, momentum, log_density, grad_log_density, aux) at the end of the
@@ -82,7 +84,7 @@ def leapfrog(
     if eps.dim() > 0:
         eps = eps.unsqueeze(-1)  # [..., 1]
     p = momentum + 0.5 * eps * grad_log_density
-    takes_flag = _takes_need_value(log_density_and_grad_fn)
+    takes_flag = _takes_need_value(log_density_and_grad_fn) if takes_need_value is None else takes_need_value
     for i in range(num_steps):
         z = z + eps * p
         last = i == num_steps - 1
@@ -118,7 +120,8 @@ def hmc_step(
     accept with probability min(1, exp(H(z0, p0) - H(zL, pL))),  H = -log f(z) + |p|^2/2
 
     Leaves f invariant for each chain. A trajectory whose energy is NaN or inf
-    is rejected (the chain stays where it was).
+    is rejected (the chain stays where it was). Draws the momentum and the
+    uniforms of the accept test, then calls :func:`hmc_transition`.
 
     Args:
         state: the current HMCState (positions [..., D]).
@@ -131,13 +134,34 @@ def hmc_step(
         (new_state, HMCInfo). Neal 2011.
     """
     z0 = state.z
-    p0 = torch.randn(z0.shape, generator=generator, dtype=z0.dtype, device=z0.device)
-    z1, p1, log_f1, grad1, aux1 = leapfrog(z0, p0, state.grad_log_density, step_size, num_leapfrog, log_density_and_grad_fn)
+    momentum = torch.randn(z0.shape, generator=generator, dtype=z0.dtype, device=z0.device)
+    log_f0 = state.log_density
+    uniform = torch.rand(log_f0.shape, generator=generator, dtype=log_f0.dtype, device=log_f0.device)
+    return hmc_transition(state, step_size, num_leapfrog, log_density_and_grad_fn, momentum, uniform)
+
+
+def hmc_transition(
+    state: HMCState,
+    step_size: Tensor,
+    num_leapfrog: int,
+    log_density_and_grad_fn: LogDensityAndGradFn,
+    momentum: Tensor,
+    uniform: Tensor,
+    takes_need_value: Optional[bool] = None,
+) -> Tuple[HMCState, HMCInfo]:
+    """:func:`hmc_step` with its random draws given: a deterministic function of its inputs.
+
+    ``momentum`` [..., D] ~ N(0, I) and ``uniform`` [...] ~ U(0, 1) per chain. Being free of
+    random number generation, it can be compiled (``torch.compile``) without changing
+    which random numbers a seeded run uses. ``takes_need_value`` as in :func:`leapfrog`.
+    """
+    z0, p0 = state.z, momentum
+    z1, p1, log_f1, grad1, aux1 = leapfrog(z0, p0, state.grad_log_density, step_size, num_leapfrog,
+                                           log_density_and_grad_fn, takes_need_value)
     energy_change = (-log_f1 + kinetic_energy(p1)) - (-state.log_density + kinetic_energy(p0))  # [...]
     log_accept = torch.nan_to_num(-energy_change, nan=-float("inf")).clamp(max=0.0)
     accept_prob = log_accept.exp()
-    u = torch.rand(accept_prob.shape, generator=generator, dtype=accept_prob.dtype, device=accept_prob.device)
-    accepted = (u < accept_prob) & torch.isfinite(log_f1)
+    accepted = (uniform < accept_prob) & torch.isfinite(log_f1)
     new_state = HMCState(
         _select(accepted, z1, z0),
         _select(accepted, log_f1, state.log_density),

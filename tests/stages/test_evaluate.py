@@ -174,6 +174,15 @@ def test_resume_keeps_the_stages_whose_settings_did_not_change(run_copy):
     assert "elbo_flow" not in df and len(df) == 12
 
 
+def test_compiling_ais_is_no_reason_to_recompute_it(run_copy):
+    """evaluate.ais.compile changes speed, not estimates: --resume keeps every finished batch."""
+    evaluate_run(run_copy)
+    partial = run_copy / "gaps" / ".partial" / "test"
+    before = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.pt")}
+    evaluate_run(run_copy, overrides=["evaluate.ais.compile=true"], resume=True)
+    assert {p.name: p.stat().st_mtime_ns for p in partial.glob("*.pt")} == before
+
+
 def test_ais_can_start_at_each_points_fitted_ffg(run_copy):
     """ais.init: ffg runs AIS from the q*_FFG of the same batch; its key follows the local settings."""
     from gapbench.evaluate import _stage_seed
