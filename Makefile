@@ -51,7 +51,7 @@ quickstart:
 	gapbench run recipes/quickstart.yaml
 
 bench:
-	$(PYTHON) benchmarks/speed.py $(BENCH_ARGS)
+	$(PYTHON) benchmarks/speed.py --compile $(BENCH_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -11,6 +11,8 @@ peak memory and accuracy of each, and the speedup.
     python benchmarks/speed.py              # the full table, about 10 minutes on 2 CPU cores
     python benchmarks/speed.py --quick      # a smoke run with tiny sizes, about a minute
     python benchmarks/speed.py --threads 2  # torch intra-op threads (default 1)
+    python benchmarks/speed.py --compile    # also gapbench's AIS through torch.compile
+    python benchmarks/speed.py --device cuda --compile   # on a GPU (larger sizes, 100x local-fit target)
 
 Comparisons:
 
@@ -29,6 +31,21 @@ Comparisons:
 * IWAE-5000: the encoder's q as proposal; accuracy is the distance below the
   tightest BDMC upper bound measured on the same points.
 
+AIS at equal settings is timed ``repeats`` times (3 in the full run), gapbench
+and reference alternating, and each side's fastest run is reported: the two
+CPU cores are shared, and the minimum is the run least disturbed by other load.
+With ``--compile`` one more row times gapbench's AIS through ``torch.compile``
+(``ais(compile=True)``), its one-off compilation excluded and reported below
+the table.
+
+A second table sets gapbench's AIS inner loop against the machine's measured
+matrix-multiply throughput: the multiply-add FLOPs of a transition's L
+gradients (forward and backward through the decoder's layers, 4 M sum d_in
+d_out each for M = chains x points) per second of the equal-settings run,
+against (a) a large square matmul and (b) the same matmuls of the inner loop
+run back to back with nothing else, whose time over the AIS time is the
+fraction of the inner loop spent in matmuls.
+
 Peak memory is the rise of the process's peak resident set size (Linux VmHWM,
 reset before each case through /proc/self/clear_refs) above its resident size
 at the case's start; where that reset is not possible, the rise of
@@ -38,6 +55,7 @@ getrusage's ru_maxrss (0 unless the case sets a new peak for the process).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
@@ -103,8 +121,22 @@ class Measured:
     peak_mb: float
 
 
-def measure(fn: Callable[[], object]) -> Measured:
-    """Run fn once: its result, wall seconds and peak memory rise in MB (see the module docstring)."""
+def _measure(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> Measured:
+    """Run fn once: its result, wall seconds and peak memory rise in MB (see the module docstring).
+
+    On a CUDA device: the time between two synchronizations, and the rise of the
+    device's peak allocated memory.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start_bytes = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        value = fn()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(device) - start_bytes
+        return Measured(value, seconds, max(peak, 0) / 2**20)
     if MEMORY_METHOD == "VmHWM":
         _reset_peak()
         start_kb = _status_kb("VmRSS")
@@ -118,6 +150,17 @@ def measure(fn: Callable[[], object]) -> Measured:
     else:
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_kb
     return Measured(value, seconds, max(peak_kb, 0) / 1024)
+
+
+def measure_best(fns: List[Callable[[], object]], repeats: int, device: torch.device) -> List[Measured]:
+    """Each fn run ``repeats`` times, the fns alternating; for each, its fastest run (with that run's value)."""
+    best: List[Optional[Measured]] = [None] * len(fns)
+    for _ in range(max(repeats, 1)):
+        for i, fn in enumerate(fns):
+            m = _measure(fn, device)
+            if best[i] is None or m.seconds < best[i].seconds:
+                best[i] = m
+    return best
 
 
 @dataclass
@@ -154,18 +197,19 @@ def _mean(t: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- models
 
 
-def mnist_model(fixture: Path):
-    model = load_npz_vae(fixture).requires_grad_(False)
+def mnist_model(fixture: Path, device: torch.device = torch.device("cpu")):
+    cpu_model = load_npz_vae(fixture).requires_grad_(False)  # simulates, so that every device sees the same data
+    model = cpu_model if device.type == "cpu" else load_npz_vae(fixture).requires_grad_(False).to(device)
 
     def simulate(num_points: int, seed: int):
         gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(num_points, model.latent_dim, generator=gen)
-        return z, model.sample_x(z, generator=gen)
+        z = torch.randn(num_points, cpu_model.latent_dim, generator=gen)
+        return z.to(device), cpu_model.sample_x(z, generator=gen).to(device)
 
     return model, simulate
 
 
-def digits_model(num_epochs: int, threads: int):
+def digits_model(num_epochs: int, threads: int, device: torch.device = torch.device("cpu")):
     """The quickstart VAE, trained for ``num_epochs`` epochs into a temporary folder."""
     import logging
 
@@ -189,17 +233,25 @@ def digits_model(num_epochs: int, threads: int):
         with torch.no_grad():
             logits = model.decode(z.unsqueeze(0)).reshape(num_points, -1)
         x = torch.bernoulli(torch.sigmoid(logits), generator=gen)
-        return z, x.reshape(num_points, *model.input_shape)
+        return z.to(device), x.reshape(num_points, *model.input_shape).to(device)
 
     note = f"trained {result.num_epochs} epochs in {seconds:.0f} s, test ELBO {result.test_elbo:.2f}"
-    return model, simulate, note
+    on_device = model if device.type == "cpu" else copy.deepcopy(model).to(device)  # model simulates, on the CPU
+    return on_device, simulate, note
 
 
 # --------------------------------------------------------------------------- the comparisons
 
 
-def bench_model(name: str, model, simulate, num_points: int, ais_points: int, cfg, seed: int, log) -> List[Row]:
+def bench_model(name: str, model, simulate, num_points: int, ais_points: int, cfg, seed: int, log,
+                device: torch.device = torch.device("cpu"), compile: bool = False, notes: Optional[list] = None,
+                utilization: Optional[list] = None) -> List[Row]:
     rows: List[Row] = []
+    notes = [] if notes is None else notes
+
+    def measure(fn):
+        return _measure(fn, device)
+
     _, x = simulate(num_points, seed)
     encoder_q = model.posterior(x).detach()
     local = dict(LOCAL, max_steps=cfg.max_steps)
@@ -230,7 +282,7 @@ def bench_model(name: str, model, simulate, num_points: int, ais_points: int, cf
         f"patience {published['patience']} (published)",
         f"L[q*] {_mean(fit.elbo):.2f}, {fit.num_steps.double().mean():.0f} steps",
         f"L[q*] {_mean(ref_prior.value.elbo):.2f} ({diff:+.3f}), {ref_prior.value.num_steps.double().mean():.0f} steps",
-        target=5.0, extra={"accuracy_ok": abs(diff) <= 0.05, "elbo_diff": diff},
+        target=cfg.local_target, extra={"accuracy_ok": abs(diff) <= 0.05, "elbo_diff": diff},
     ))
 
     # Local flow, equal settings: both from gapbench's q*_FFG (identity flow).
@@ -255,8 +307,9 @@ def bench_model(name: str, model, simulate, num_points: int, ais_points: int, cf
     q_ais = model.posterior(x_ais).detach()
     chains, leap, t_eq = cfg.ais_chains, 10, cfg.ais_steps
 
-    def bdmc_ours(num_steps, init, step_size=0.01):
-        kw = dict(num_steps=num_steps, num_chains=chains, num_leapfrog=leap, init=init, seed=seed, step_size=step_size)
+    def bdmc_ours(num_steps, init, step_size=0.01, compile=False):
+        kw = dict(num_steps=num_steps, num_chains=chains, num_leapfrog=leap, init=init, seed=seed, step_size=step_size,
+                  compile=compile)
         lower = ais(model, x_ais, **kw)
         upper = ais_reverse(model, x_ais, z_true, **kw)
         return lower.log_px, upper.log_px
@@ -270,16 +323,33 @@ def bench_model(name: str, model, simulate, num_points: int, ais_points: int, cf
     def width(m):
         return _mean(m.value[1] - m.value[0])
 
-    log(f"{name}: AIS from the prior, T = {t_eq}, gapbench")
-    ours = measure(lambda: bdmc_ours(t_eq, None))
-    log(f"{name}: AIS from the prior, T = {t_eq}, reference")
-    ref = measure(lambda: bdmc_ref(t_eq))
+    fns = [lambda: bdmc_ours(t_eq, None), lambda: bdmc_ref(t_eq)]
+    if compile:
+        log(f"{name}: compiling gapbench's AIS transition")
+        warm = measure(lambda: bdmc_ours(2, None, compile=True))
+        notes.append(f"{name}: compiling the AIS transition (forward and reverse, first call) took {warm.seconds:.1f} s, "
+                     "paid once per process and chunk shape; not in the compiled row's time")
+        fns.append(lambda: bdmc_ours(t_eq, None, compile=True))
+    log(f"{name}: AIS from the prior, T = {t_eq}, gapbench and reference, best of {cfg.repeats}")
+    best = measure_best(fns, cfg.repeats, device)
+    ours, ref = best[0], best[1]
     ais_desc = f"forward + reverse, T = {t_eq}, {chains} chains, {leap} leapfrog"
+    best_of = f", best of {cfg.repeats}" if cfg.repeats > 1 else ""
     rows.append(Row(
         name, "AIS (BDMC)", "equal settings", ais_points, ours, ref,
-        f"from the prior, {ais_desc}", f"from the prior, {ais_desc}",
+        f"from the prior, {ais_desc}{best_of}", f"from the prior, {ais_desc}{best_of}",
         f"width {width(ours):.2f} nats", f"width {width(ref):.2f} nats", target=2.0,
     ))
+    if compile:
+        rows.append(Row(
+            name, "AIS (BDMC)", "equal settings, compiled", ais_points, best[2], ref,
+            f"as above, ais(compile=True){best_of}", f"from the prior, {ais_desc}{best_of}",
+            f"width {width(best[2]):.2f} nats", f"width {width(ref):.2f} nats", target=2.0,
+        ))
+    if utilization is not None:
+        util = inner_loop_utilization(model, ais_points * chains, leap, 2 * t_eq, ours.seconds, device)
+        if util is not None:
+            utilization.append((name, util))
     uppers = [ours.value[1], ref.value[1]]
     ladder = []
     for t in cfg.ais_ladder:
@@ -309,6 +379,83 @@ def bench_model(name: str, model, simulate, num_points: int, ais_points: int, cf
         f"{_mean(best_upper - ours.value):.2f} below BDMC upper", f"{_mean(best_upper - ref.value):.2f} below BDMC upper",
     ))
     return rows
+
+
+# --------------------------------------------------------------------------- matmul throughput
+
+
+def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: allocator, kernels, caches
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def peak_matmul_flops(device: torch.device, dtype=torch.float32) -> tuple:
+    """(FLOP/s, n) of the fastest n x n by n x n matmul: the machine's measured matmul throughput."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _best_seconds(lambda: a @ b, device, 5), n
+
+
+def inner_loop_utilization(model, num_rows: int, num_leapfrog: int, num_transitions: int, seconds: float,
+                           device: torch.device) -> Optional[dict]:
+    """gapbench's AIS inner loop against the machine's matmul throughput (None for non-MLP decoders).
+
+    One gradient of log p(x, z) for M = chains x points rows costs 2 M sum d_in d_out
+    FLOPs forward and as many backward (the input gradient of every layer, the first
+    included); a transition takes ``num_leapfrog`` of them. ``seconds`` is the
+    measured time of ``num_transitions`` transitions.
+    """
+    from gapbench.inference.gradients import mlp_decoder
+
+    spec = mlp_decoder(model)
+    if spec is None:
+        return None
+    layers, _ = spec
+    dtype = layers[0][0].dtype
+    flops_per_gradient = 4 * num_rows * sum(w.shape[0] * w.shape[1] for w, _ in layers)
+    flops = flops_per_gradient * num_leapfrog * num_transitions
+    ais_rate = flops / seconds
+    peak, n = peak_matmul_flops(device, dtype)
+    # The same matmuls, back to back, with nothing in between: the inner loop's matmul-only time.
+    h0 = torch.randn(num_rows, layers[0][0].shape[1], device=device, dtype=dtype)
+    grads = [torch.randn(num_rows, w.shape[0], device=device, dtype=dtype) for w, _ in layers]
+
+    def matmuls():
+        h = h0
+        for w, b in layers:
+            h = torch.nn.functional.linear(h, w, b)
+        for (w, _), g in zip(layers, grads):
+            g @ w
+
+    matmul_seconds = _best_seconds(matmuls, device, 20) * num_leapfrog * num_transitions
+    return {
+        "rows": num_rows, "layers": " -> ".join([str(layers[0][0].shape[1])] + [str(w.shape[0]) for w, _ in layers]),
+        "ais_gflops": ais_rate / 1e9, "peak_gflops": peak / 1e9, "peak_n": n,
+        "matmul_only_gflops": flops / matmul_seconds / 1e9, "fraction_of_peak": ais_rate / peak,
+        "matmul_fraction": matmul_seconds / seconds,
+    }
+
+
+def utilization_table(entries: list) -> str:
+    head = ("| model | rows M (chains x points) | decoder | AIS inner loop GFLOP/s | peak matmul GFLOP/s (n) "
+            "| fraction of peak | its matmuls alone GFLOP/s | time in matmuls |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for name, u in entries:
+        lines.append(
+            f"| {name} | {u['rows']} | {u['layers']} | {u['ais_gflops']:.1f} | {u['peak_gflops']:.1f} ({u['peak_n']}) "
+            f"| **{100 * u['fraction_of_peak']:.0f}%** | {u['matmul_only_gflops']:.1f} | {100 * u['matmul_fraction']:.0f}% |"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- output
@@ -350,50 +497,72 @@ class Config:
     max_steps: int
     published_max_steps: int
     digits_epochs: int
+    repeats: int = 1  # AIS at equal settings: best of this many alternating runs
+    local_target: float = 5.0  # local FFG at equal final ELBO: the speedup to meet
 
 
-FULL = Config(8, 16, 25, 16, 200, 16, (10, 20, 40, 80), 5000, 3000, 20000, 20)
+FULL = Config(8, 16, 25, 16, 200, 16, (10, 20, 40, 80), 5000, 3000, 20000, 20, repeats=3)
 QUICK = Config(3, 2, 6, 4, 20, 4, (5, 10, 20), 1000, 300, 300, 3)
+# On a GPU: more datapoints and chains per batch (a GPU wants wide batches), the 100x local-fit target.
+GPU = Config(16, 100, 50, 100, 200, 100, (10, 20, 40, 80), 5000, 3000, 20000, 20, repeats=3, local_target=100.0)
 
 
 def main(argv=None) -> List[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both implementations run (cuda: larger sizes and the 100x local-fit target)")
+    parser.add_argument("--compile", action="store_true", help="also time gapbench's AIS with compile=True")
     parser.add_argument("--fixture", type=Path, default=FIXTURE, help="the pretrained MNIST VAE (.npz)")
     parser.add_argument("--models", nargs="+", default=["mnist", "digits"], choices=["mnist", "digits"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device; run without --device")
+    cfg = QUICK if args.quick else (GPU if device.type == "cuda" else FULL)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
     def log(msg):
         print(f"[{time.perf_counter() - started:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    rows, notes = [], []
+    rows, notes, utilization = [], [], []
+    common = dict(device=device, compile=args.compile, notes=notes, utilization=utilization)
     if "mnist" in args.models:
         if args.fixture.is_file():
-            model, simulate = mnist_model(args.fixture)
-            rows += bench_model("MNIST VAE", model, simulate, cfg.mnist_points, cfg.mnist_ais_points, cfg, args.seed, log)
+            model, simulate = mnist_model(args.fixture, device)
+            rows += bench_model("MNIST VAE", model, simulate, cfg.mnist_points, cfg.mnist_ais_points, cfg, args.seed,
+                                log, **common)
         else:
             notes.append(f"MNIST VAE skipped: no weights at {args.fixture}")
     if "digits" in args.models:
         log("digits: training the quickstart VAE")
-        model, simulate, note = digits_model(cfg.digits_epochs, args.threads)
+        model, simulate, note = digits_model(cfg.digits_epochs, args.threads, device)
         torch.set_num_threads(args.threads)
         notes.append(f"digits VAE: recipes/quickstart.yaml, {note}")
-        rows += bench_model("digits VAE", model, simulate, cfg.digits_points, cfg.digits_ais_points, cfg, args.seed, log)
+        rows += bench_model("digits VAE", model, simulate, cfg.digits_points, cfg.digits_ais_points, cfg, args.seed,
+                            log, **common)
 
-    print(f"gapbench speed benchmark{' (--quick)' if args.quick else ''}: {platform.machine()} CPU, "
-          f"{os.cpu_count()} cores shared with other processes (timings vary with their load), "
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)}, host {platform.machine()} CPU"
+    else:
+        where = (f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other processes "
+                 "(timings vary with their load)")
+    memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else MEMORY_METHOD
+    print(f"gapbench speed benchmark{' (--quick)' if args.quick else ''}: {where}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"peak memory by {MEMORY_METHOD}, total {time.perf_counter() - started:.0f} s\n")
+          f"peak memory by {memory}, total {time.perf_counter() - started:.0f} s\n")
     print(table(rows))
     print()
     print(settings_lines(rows))
     for note in notes:
         print(f"* {note}")
+    if utilization:
+        print()
+        print("gapbench's AIS inner loop (the equal-settings run) against this machine's matmul throughput:\n")
+        print(utilization_table(utilization))
     return rows
 
 

@@ -113,3 +113,32 @@ def test_benchmark_runs_and_prints_every_comparison(model, capsys):
         assert r.ours.seconds > 0 and r.ref.seconds > 0 and r.ours.peak_mb >= 0
     text = speed.table(rows)
     assert text.count("\n") == len(rows) + 1 and "| toy | local FFG | equal final ELBO | 3 |" in text
+
+
+def test_best_of_repeats_alternates_and_keeps_each_fastest_run(monkeypatch):
+    order = []
+    clock = iter([0.0, 3.0, 3.0, 4.0, 4.0, 5.0, 5.0, 9.0])  # durations: a 3, b 1, a 1, b 4
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(clock))
+    best = speed.measure_best([lambda: order.append("a") or "a", lambda: order.append("b") or "b"], 2,
+                              torch.device("cpu"))
+    assert order == ["a", "b", "a", "b"]
+    assert [m.seconds for m in best] == [1.0, 1.0] and [m.value for m in best] == ["a", "b"]
+
+
+def test_inner_loop_utilization_counts_the_decoders_flops():
+    from gapbench.models.vae import build_vae
+
+    vae = build_vae((1, 4, 4), latent_dim=3, decoder_hidden=(5, 7), encoder_hidden=(6,)).requires_grad_(False)
+    # 20 transitions x 4 leapfrog gradients x 4 FLOPs x 6 rows x (3*5 + 5*7 + 7*16) = 311,040 FLOPs in 1 ms
+    u = speed.inner_loop_utilization(vae, num_rows=6, num_leapfrog=4, num_transitions=20, seconds=1e-3,
+                                     device=torch.device("cpu"))
+    assert u["layers"] == "3 -> 5 -> 7 -> 16"
+    assert abs(u["ais_gflops"] - 311_040 / 1e-3 / 1e9) < 1e-9
+    assert 0 < u["fraction_of_peak"] == u["ais_gflops"] / u["peak_gflops"]
+    assert u["matmul_fraction"] > 0 and u["peak_gflops"] > 0
+    assert speed.inner_loop_utilization(_WithEncoder(_lg()), 6, 4, 20, 1e-3, torch.device("cpu")) is None
+
+
+def _lg():
+    gen = torch.Generator().manual_seed(0)
+    return LinearGaussian(torch.randn(5, 2, generator=gen, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), 0.7)
