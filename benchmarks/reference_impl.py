@@ -147,7 +147,7 @@ def ais_no_reuse(
     if reverse:
         z = z_start.to(x.dtype).unsqueeze(0).expand(num_chains, -1, -1).clone()  # [C, N, D]
     else:
-        z = torch.randn(num_chains, num_points, dim, dtype=x.dtype)
+        z = torch.randn(num_chains, num_points, dim, dtype=x.dtype, device=x.device)
 
     def log_f(z, beta):  # [C, N]
         return model.log_prior(z) + beta * model.log_likelihood(x, z)
@@ -158,8 +158,8 @@ def ais_no_reuse(
             return torch.autograd.grad(log_f(z, beta).sum(), z)[0]
 
     lo, hi = step_size_range
-    eps = torch.full((num_chains, num_points, 1), float(step_size), dtype=x.dtype)
-    log_w = torch.zeros(num_chains, num_points, dtype=torch.float64)
+    eps = torch.full((num_chains, num_points, 1), float(step_size), dtype=x.dtype, device=x.device)
+    log_w = torch.zeros(num_chains, num_points, dtype=torch.float64, device=x.device)
     accept_sum = torch.zeros_like(log_w)
     smoothed = None
     for i in range(1, num_steps + 1):

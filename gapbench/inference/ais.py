@@ -29,11 +29,11 @@ from gapbench.inference._common import (
     start_distribution,
 )
 from gapbench.inference.compiled import compiled
-from gapbench.inference.gradients import log_joint_and_grad, mlp_decoder, mlp_log_joint_and_grad
+from gapbench.inference.gradients import joint_density, mlp_decoder, mlp_log_joint_and_grad
 from gapbench.inference.hmc import HMCState, hmc_step, hmc_transition
 from gapbench.models.posterior import DiagonalGaussian, FamilyPosterior
 from gapbench.inference.schedule import annealing_schedule
-from gapbench.ops import log_normal, logmeanexp
+from gapbench.ops import log_normal, log_standard_normal, logmeanexp
 
 logger = logging.getLogger("gapbench.inference")
 
@@ -94,27 +94,24 @@ def effective_sample_size(log_weights: Tensor) -> Tensor:
 def _tempered(log_p0_fn, log_joint_fn, beta):
     """z -> (log f_beta [C, N], grad [C, N, D], aux) with one pass through the model.
 
-    ``log_p0_fn(z)`` -> (log p0 [C, N], its gradient); ``log_joint_fn(z, need_value)`` ->
-    (log p(x, z) or None, its gradient). aux = (log p0, log p(x, z), grad log p0,
-    grad log p(x, z)), which give f and its gradient at any other beta without
-    evaluating the model again. With ``need_value=False`` (leapfrog steps before
-    the last) only the gradient is returned, as (None, grad, None), which saves
-    the log-density's own arithmetic. beta: a float or a 0-d tensor.
+    ``log_p0_fn(z, need_value)`` and ``log_joint_fn(z, need_value)`` give (log p0 or None,
+    its gradient) and (log p(x, z) or None, its gradient). aux = (log p0, log p(x, z),
+    grad log p0, grad log p(x, z)), which give f and its gradient at any other beta
+    without evaluating the model again. With ``need_value=False`` (leapfrog steps
+    before the last) only the gradient is computed and returned, as (None, grad,
+    None), which saves the log-densities' own arithmetic. beta: a float or a 0-d tensor.
     """
 
     def fn(z: Tensor, need_value: bool = True):
-        log_p0, grad_p0 = log_p0_fn(z)
+        log_p0, grad_p0 = log_p0_fn(z, need_value)
         log_pxz, grad_pxz = log_joint_fn(z, need_value)
+        if not need_value:
+            return None, torch.lerp(grad_p0, grad_pxz, beta), None
         aux = (log_p0, log_pxz, grad_p0, grad_pxz)
         log_f, grad = _combine(beta, aux)
-        return (log_f, grad, aux) if need_value else (None, grad, None)
+        return log_f, grad, aux
 
     return fn
-
-
-def _tempered_fn(model, x: Tensor, p0, beta: float):
-    """:func:`_tempered` for any model (autograd, or its hand gradient) and any start p0."""
-    return _tempered(partial(_log_prob_and_grad, p0), partial(log_joint_and_grad, model, x), beta)
 
 
 def _gaussian_moments(p0) -> Optional[Tuple[Tensor, Tensor]]:
@@ -128,11 +125,19 @@ def _gaussian_moments(p0) -> Optional[Tuple[Tensor, Tensor]]:
     return None
 
 
-def _log_prob_and_grad(p0, z: Tensor) -> Tuple[Tensor, Tensor]:
-    """log p0(z) [C, N] and its gradient [C, N, D]: in closed form for diagonal Gaussians, else autograd."""
+def _start_density(p0):
+    """(z, need_value) -> (log p0(z) [C, N] or None, grad [C, N, D]), resolved once per chunk:
+    closed forms for the prior and diagonal Gaussians, autograd for any other start."""
+    if isinstance(p0, StandardNormalPrior):
+        return _standard_normal_log_prob_and_grad
     moments = _gaussian_moments(p0)
     if moments is not None:
-        return _gaussian_log_prob_and_grad(*moments, z)
+        mean, log_var = moments
+        return partial(_gaussian_log_prob_and_grad, mean, log_var, torch.exp(-log_var))
+    return partial(_autograd_log_prob_and_grad, p0)
+
+
+def _autograd_log_prob_and_grad(p0, z: Tensor, need_value: bool = True) -> Tuple[Tensor, Tensor]:
     z0 = z.detach().requires_grad_(True)
     with torch.enable_grad():
         log_p0 = p0.log_prob(z0)
@@ -140,16 +145,21 @@ def _log_prob_and_grad(p0, z: Tensor) -> Tuple[Tensor, Tensor]:
     return log_p0.detach(), grad
 
 
-def _gaussian_log_prob_and_grad(mean: Tensor, log_var: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
-    """log N(z; mean, diag exp(log_var)) [C, N] and its gradient (mean - z) / var [C, N, D]."""
-    return log_normal(z, mean, log_var), (mean - z) * torch.exp(-log_var)
+def _standard_normal_log_prob_and_grad(z: Tensor, need_value: bool = True) -> Tuple[Optional[Tensor], Tensor]:
+    return (log_standard_normal(z) if need_value else None), -z
+
+
+def _gaussian_log_prob_and_grad(mean: Tensor, log_var: Tensor, precision: Tensor, z: Tensor,
+                                need_value: bool = True) -> Tuple[Optional[Tensor], Tensor]:
+    """log N(z; mean, diag exp(log_var)) [C, N] (or None) and its gradient (mean - z) * precision [C, N, D]."""
+    return (log_normal(z, mean, log_var) if need_value else None), (mean - z) * precision
 
 
 def _mlp_transition(z, aux, eps, beta, momentum, uniform, x_flat, mean, log_var, weights, biases,
                     activation: str, num_leapfrog: int):
     """One AIS transition (an HMC step at temperature beta) for an MLP decoder from a Gaussian p0.
 
-    The same arithmetic as the general path (:func:`_tempered_fn` with the hand
+    The same arithmetic as the general path (:func:`_tempered` with the hand
     gradient, :func:`hmc_transition`), written as a pure function of tensors
     so that ``torch.compile`` can trace the whole trajectory: z [C, N, D], aux as
     in :func:`_tempered`, eps [C, N], beta 0-d, momentum [C, N, D], uniform [C, N],
@@ -157,7 +167,7 @@ def _mlp_transition(z, aux, eps, beta, momentum, uniform, x_flat, mean, log_var,
     Returns (z, aux, accept_prob) after the transition.
     """
     layers = list(zip(weights, biases))
-    fn = _tempered(partial(_gaussian_log_prob_and_grad, mean, log_var),
+    fn = _tempered(partial(_gaussian_log_prob_and_grad, mean, log_var, torch.exp(-log_var)),
                    partial(mlp_log_joint_and_grad, layers, activation, x_flat), beta)
     log_f, grad = _combine(beta, aux)
     state, info = hmc_transition(HMCState(z, log_f, grad, aux), eps, num_leapfrog, fn, momentum, uniform,
@@ -195,8 +205,8 @@ def _compiled_step(model, x: Tensor, p0, num_leapfrog: int):
 def _combine(beta: float, aux) -> Tuple[Optional[Tensor], Tensor]:
     """log f_beta and its gradient from aux; the value is None where log p(x, z) was not computed."""
     log_p0, log_pxz, grad_p0, grad_pxz = aux
-    log_f = None if log_pxz is None else log_p0 + beta * (log_pxz - log_p0)
-    return log_f, grad_p0 + beta * (grad_pxz - grad_p0)
+    log_f = None if log_pxz is None else torch.lerp(log_p0, log_pxz, beta)
+    return log_f, torch.lerp(grad_p0, grad_pxz, beta)
 
 
 def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, step_size_range, record_every,
@@ -212,7 +222,8 @@ def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, 
     accept_sum = torch.zeros_like(log_w)
     smoothed = None
     steps, beta_rec, log_z_rec = [], [], []
-    aux = _tempered_fn(model, x, p0, float(betas[0]))(z)[2]
+    start_fn, joint_fn = _start_density(p0), joint_density(model, x)  # resolved once for all transitions
+    aux = _tempered(start_fn, joint_fn, float(betas[0]))(z)[2]
     step = _compiled_step(model, x, p0, num_leapfrog) if compile else None
     num_transitions = len(betas) - 1
     for i in range(1, num_transitions + 1):
@@ -220,7 +231,8 @@ def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, 
         log_w += (betas[i] - betas[i - 1]) * (aux[1] - aux[0]).double()
         if step is None:
             log_f, grad = _combine(beta, aux)
-            state, info = hmc_step(HMCState(z, log_f, grad, aux), eps, num_leapfrog, _tempered_fn(model, x, p0, beta))
+            state, info = hmc_step(HMCState(z, log_f, grad, aux), eps, num_leapfrog,
+                                   _tempered(start_fn, joint_fn, beta))
             z, aux, accept_prob = state.z, state.aux, info.accept_prob
         else:  # the same draws, in the same order, as hmc_step's
             momentum = torch.randn(z.shape, dtype=z.dtype, device=z.device)

@@ -18,6 +18,7 @@ model goes through autograd. A model opts in by returning its decoder from
 
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional, Tuple
 
 import torch
@@ -83,6 +84,17 @@ def log_joint_and_grad(model, x: Tensor, z: Tensor, need_value: bool = True) -> 
         return value.detach(), grad
     layers, activation = spec
     return mlp_log_joint_and_grad(layers, activation, _flat_data(x, z.dtype), z, need_value)
+
+
+def joint_density(model, x: Tensor):
+    """(z, need_value) -> :func:`log_joint_and_grad` (model, x, z, need_value), with the model's
+    decoder looked up once: for loops that evaluate the same model and data many times."""
+    spec = mlp_decoder(model)
+    if spec is None:
+        return partial(log_joint_and_grad, model, x)
+    layers, activation = spec
+    dtype = layers[-1][0].dtype
+    return partial(mlp_log_joint_and_grad, layers, activation, _flat_data(x, dtype))
 
 
 def mlp_log_joint_and_grad(

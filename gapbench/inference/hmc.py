@@ -83,16 +83,17 @@ def leapfrog(
     eps = torch.as_tensor(step_size, dtype=z.dtype, device=z.device)
     if eps.dim() > 0:
         eps = eps.unsqueeze(-1)  # [..., 1]
-    p = momentum + 0.5 * eps * grad_log_density
+    half_eps = 0.5 * eps
+    p = torch.addcmul(momentum, half_eps, grad_log_density)
     takes_flag = _takes_need_value(log_density_and_grad_fn) if takes_need_value is None else takes_need_value
     for i in range(num_steps):
-        z = z + eps * p
+        z = torch.addcmul(z, eps, p)
         last = i == num_steps - 1
         if takes_flag:
             log_density, grad, aux = log_density_and_grad_fn(z, need_value=last)
         else:
             log_density, grad, aux = log_density_and_grad_fn(z)
-        p = p + (0.5 * eps if last else eps) * grad
+        p = torch.addcmul(p, half_eps if last else eps, grad)
     return z, p, log_density, grad, aux
 
 
