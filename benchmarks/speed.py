@@ -122,6 +122,17 @@ class Measured:
     peak_mb: float
 
 
+def _timed(fn: Callable[[], object], device: torch.device):
+    """(fn(), its wall seconds); on a CUDA device, between two synchronizations."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    value = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return value, time.perf_counter() - t0
+
+
 def _measure(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> Measured:
     """Run fn once: its result, wall seconds and peak memory rise in MB (see the module docstring).
 
@@ -129,13 +140,9 @@ def _measure(fn: Callable[[], object], device: torch.device = torch.device("cpu"
     device's peak allocated memory.
     """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start_bytes = torch.cuda.memory_allocated(device)
-        t0 = time.perf_counter()
-        value = fn()
-        torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
+        value, seconds = _timed(fn, device)
         peak = torch.cuda.max_memory_allocated(device) - start_bytes
         return Measured(value, seconds, max(peak, 0) / 2**20)
     if MEMORY_METHOD == "VmHWM":
@@ -143,9 +150,7 @@ def _measure(fn: Callable[[], object], device: torch.device = torch.device("cpu"
         start_kb = _status_kb("VmRSS")
     else:
         start_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    value = fn()
-    seconds = time.perf_counter() - t0
+    value, seconds = _timed(fn, device)
     if MEMORY_METHOD == "VmHWM":
         peak_kb = _status_kb("VmHWM") - start_kb
     else:
@@ -388,16 +393,7 @@ def bench_model(name: str, model, simulate, num_points: int, ais_points: int, cf
 
 def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     fn()  # warm-up: allocator, kernels, caches
-    best = math.inf
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(_timed(fn, device)[1] for _ in range(repeats))
 
 
 def peak_matmul_flops(device: torch.device, dtype=torch.float32) -> tuple:

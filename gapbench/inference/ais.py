@@ -29,8 +29,14 @@ from gapbench.inference._common import (
     start_distribution,
 )
 from gapbench.inference.compiled import compiled
-from gapbench.inference.gradients import joint_density, mlp_decoder, mlp_log_joint_and_grad
-from gapbench.inference.hmc import HMCState, hmc_step, hmc_transition
+from gapbench.inference.gradients import (
+    flat_data,
+    joint_density,
+    mlp_decoder,
+    mlp_log_joint_and_grad,
+    value_and_grad,
+)
+from gapbench.inference.hmc import HMCState, hmc_transition
 from gapbench.models.posterior import DiagonalGaussian, FamilyPosterior
 from gapbench.inference.schedule import annealing_schedule
 from gapbench.ops import log_normal, log_standard_normal, logmeanexp
@@ -138,11 +144,7 @@ def _start_density(p0):
 
 
 def _autograd_log_prob_and_grad(p0, z: Tensor, need_value: bool = True) -> Tuple[Tensor, Tensor]:
-    z0 = z.detach().requires_grad_(True)
-    with torch.enable_grad():
-        log_p0 = p0.log_prob(z0)
-        (grad,) = torch.autograd.grad(log_p0.sum(), z0)
-    return log_p0.detach(), grad
+    return value_and_grad(p0.log_prob, z)
 
 
 def _standard_normal_log_prob_and_grad(z: Tensor, need_value: bool = True) -> Tuple[Optional[Tensor], Tensor]:
@@ -155,24 +157,28 @@ def _gaussian_log_prob_and_grad(mean: Tensor, log_var: Tensor, precision: Tensor
     return (log_normal(z, mean, log_var) if need_value else None), (mean - z) * precision
 
 
-def _mlp_transition(z, aux, eps, beta, momentum, uniform, x_flat, mean, log_var, weights, biases,
-                    activation: str, num_leapfrog: int):
-    """One AIS transition (an HMC step at temperature beta) for an MLP decoder from a Gaussian p0.
+def _transition(start_fn, joint_fn, z, aux, eps, beta, momentum, uniform, num_leapfrog: int):
+    """One AIS transition: an HMC step at temperature beta, its random draws given.
 
-    The same arithmetic as the general path (:func:`_tempered` with the hand
-    gradient, :func:`hmc_transition`), written as a pure function of tensors
-    so that ``torch.compile`` can trace the whole trajectory: z [C, N, D], aux as
-    in :func:`_tempered`, eps [C, N], beta 0-d, momentum [C, N, D], uniform [C, N],
-    x_flat [N, P], mean and log_var [N, D], the decoder's weights and biases.
+    start_fn, joint_fn as in :func:`_tempered`; z [C, N, D], aux as in :func:`_tempered`,
+    eps [C, N], beta a float or 0-d tensor, momentum [C, N, D], uniform [C, N].
     Returns (z, aux, accept_prob) after the transition.
     """
-    layers = list(zip(weights, biases))
-    fn = _tempered(partial(_gaussian_log_prob_and_grad, mean, log_var, torch.exp(-log_var)),
-                   partial(mlp_log_joint_and_grad, layers, activation, x_flat), beta)
     log_f, grad = _combine(beta, aux)
-    state, info = hmc_transition(HMCState(z, log_f, grad, aux), eps, num_leapfrog, fn, momentum, uniform,
-                                 takes_need_value=True)
+    state, info = hmc_transition(HMCState(z, log_f, grad, aux), eps, num_leapfrog,
+                                 _tempered(start_fn, joint_fn, beta), momentum, uniform, takes_need_value=True)
     return state.z, state.aux, info.accept_prob
+
+
+def _mlp_transition(z, aux, eps, beta, momentum, uniform, x_flat, mean, log_var, weights, biases,
+                    activation: str, num_leapfrog: int):
+    """:func:`_transition` for an MLP decoder from a diagonal-Gaussian p0, as a pure function of
+    tensors that ``torch.compile`` can trace whole: x_flat [N, P], mean and log_var [N, D],
+    the decoder's weights and biases; the rest as in :func:`_transition`.
+    """
+    start_fn = partial(_gaussian_log_prob_and_grad, mean, log_var, torch.exp(-log_var))
+    joint_fn = partial(mlp_log_joint_and_grad, list(zip(weights, biases)), activation, x_flat)
+    return _transition(start_fn, joint_fn, z, aux, eps, beta, momentum, uniform, num_leapfrog)
 
 
 def _compiled_step(model, x: Tensor, p0, num_leapfrog: int):
@@ -191,7 +197,7 @@ def _compiled_step(model, x: Tensor, p0, num_leapfrog: int):
     weights, biases = [w for w, _ in layers], [b for _, b in layers]
     # Contiguous copies: the compiled code is specialized to its inputs' strides.
     mean, log_var = (t.contiguous() for t in moments)
-    x_flat = x.reshape(x.shape[0], -1).to(mean.dtype).contiguous()
+    x_flat = flat_data(x, mean.dtype).contiguous()
     step = compiled(_mlp_transition, x.device)
 
     def fn(z, aux, eps, beta, momentum, uniform):
@@ -224,20 +230,16 @@ def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, 
     steps, beta_rec, log_z_rec = [], [], []
     start_fn, joint_fn = _start_density(p0), joint_density(model, x)  # resolved once for all transitions
     aux = _tempered(start_fn, joint_fn, float(betas[0]))(z)[2]
-    step = _compiled_step(model, x, p0, num_leapfrog) if compile else None
+    step = (_compiled_step(model, x, p0, num_leapfrog) if compile else None) or partial(
+        _transition, start_fn, joint_fn, num_leapfrog=num_leapfrog)
     num_transitions = len(betas) - 1
     for i in range(1, num_transitions + 1):
         beta = float(betas[i])
         log_w += (betas[i] - betas[i - 1]) * (aux[1] - aux[0]).double()
-        if step is None:
-            log_f, grad = _combine(beta, aux)
-            state, info = hmc_step(HMCState(z, log_f, grad, aux), eps, num_leapfrog,
-                                   _tempered(start_fn, joint_fn, beta))
-            z, aux, accept_prob = state.z, state.aux, info.accept_prob
-        else:  # the same draws, in the same order, as hmc_step's
-            momentum = torch.randn(z.shape, dtype=z.dtype, device=z.device)
-            uniform = torch.rand(z.shape[:-1], dtype=aux[0].dtype, device=z.device)
-            z, aux, accept_prob = step(z, aux, eps, beta, momentum, uniform)
+        # The draws of hmc_step, in its order: compiled or not, a seed gives the same chains.
+        momentum = torch.randn(z.shape, dtype=z.dtype, device=z.device)
+        uniform = torch.rand(z.shape[:-1], dtype=aux[0].dtype, device=z.device)
+        z, aux, accept_prob = step(z, aux, eps, beta, momentum, uniform)
         accept = accept_prob.double()
         accept_sum += accept
         smoothed = accept if smoothed is None else ACCEPTANCE_SMOOTHING * smoothed + (1 - ACCEPTANCE_SMOOTHING) * accept

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gapbench.inference._common import log_joint
 from gapbench.ops import log_bernoulli, log_standard_normal
 
 def _elu_(a: Tensor) -> Tensor:
@@ -65,8 +66,18 @@ def _act_grad(h: Tensor, activation: str) -> Tensor:
     return -torch.expm1(-h)  # softplus: sigmoid(a) = 1 - exp(-h)
 
 
-def _flat_data(x: Tensor, dtype: torch.dtype) -> Tensor:
+def flat_data(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x [N, ...] as [N, P] in ``dtype``, the layout of :func:`mlp_log_joint_and_grad`."""
     return x.reshape(x.shape[0], -1).to(dtype)
+
+
+def value_and_grad(fn, z: Tensor) -> Tuple[Tensor, Tensor]:
+    """(fn(z), grad_z of fn(z).sum()) by autograd, both without a graph: [...] and z's shape."""
+    z1 = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = fn(z1)
+        (grad,) = torch.autograd.grad(value.sum(), z1)
+    return value.detach(), grad
 
 
 def log_joint_and_grad(model, x: Tensor, z: Tensor, need_value: bool = True) -> Tuple[Optional[Tensor], Tensor]:
@@ -75,15 +86,7 @@ def log_joint_and_grad(model, x: Tensor, z: Tensor, need_value: bool = True) -> 
     Hand-derived for models with :func:`mlp_decoder`, autograd otherwise. With
     ``need_value=False`` the value is not computed where that saves time (None is returned).
     """
-    spec = mlp_decoder(model)
-    if spec is None:
-        z1 = z.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = model.log_prior(z1) + model.log_likelihood(x, z1)
-            (grad,) = torch.autograd.grad(value.sum(), z1)
-        return value.detach(), grad
-    layers, activation = spec
-    return mlp_log_joint_and_grad(layers, activation, _flat_data(x, z.dtype), z, need_value)
+    return joint_density(model, x)(z, need_value)
 
 
 def joint_density(model, x: Tensor):
@@ -91,10 +94,13 @@ def joint_density(model, x: Tensor):
     decoder looked up once: for loops that evaluate the same model and data many times."""
     spec = mlp_decoder(model)
     if spec is None:
-        return partial(log_joint_and_grad, model, x)
+        return partial(_autograd_log_joint_and_grad, model, x)
     layers, activation = spec
-    dtype = layers[-1][0].dtype
-    return partial(mlp_log_joint_and_grad, layers, activation, _flat_data(x, dtype))
+    return partial(mlp_log_joint_and_grad, layers, activation, flat_data(x, layers[-1][0].dtype))
+
+
+def _autograd_log_joint_and_grad(model, x: Tensor, z: Tensor, need_value: bool = True) -> Tuple[Tensor, Tensor]:
+    return value_and_grad(partial(log_joint, model, x), z)
 
 
 def mlp_log_joint_and_grad(
