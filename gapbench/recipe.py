@@ -30,7 +30,24 @@ from gapbench.errors import GapbenchError
 
 
 class RecipeError(GapbenchError):
-    """A recipe that cannot be used: bad YAML, unknown key, wrong type or value."""
+    """A recipe that cannot be used: bad YAML, unknown key, wrong type or value.
+
+    ``key`` is the dotted key the error is about (``train.num_epochs``,
+    ``evaluate.families[1]``) or None; ``problem`` the message without its
+    leading ``key: ``; ``related`` the other keys a consistency check read.
+    :func:`load_recipe` uses them to name where the bad value came from: a file
+    or a ``--set``.
+    """
+
+    key: Optional[str] = None
+    problem: Optional[str] = None
+    related: Tuple[str, ...] = ()
+
+
+def _key_error(key: str, problem: str, related: Tuple[str, ...] = ()) -> RecipeError:
+    err = RecipeError(f"{key}: {problem}")
+    err.key, err.problem, err.related = key, problem, related
+    return err
 
 
 def _range(lo=None, hi=None, lo_open=False):
@@ -169,7 +186,11 @@ def _type_name(tp) -> str:
         inner = [a for a in args if a is not type(None)]
         return _type_name(inner[0]) + " or null"
     if origin is tuple:
-        return "a list of " + _type_name(args[0])
+        item = args[0]
+        if typing.get_origin(item) is Literal:
+            return "a list whose items are each one of " + ", ".join(repr(a) for a in typing.get_args(item))
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(item)
+        return "a list of " + plural if plural else "a list whose items are each " + _type_name(item)
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
@@ -186,7 +207,7 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
 def _convert(value, tp, key: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    bad = RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    bad = _key_error(key, f"expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise bad
@@ -198,7 +219,7 @@ def _convert(value, tp, key: str):
         return _convert(value, inner, key)
     if origin is Literal:
         if value not in args:
-            raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}{_suggest(value, map(str, args))}")
+            raise _key_error(key, f"expected {_type_name(tp)}, got {value!r}{_suggest(value, map(str, args))}")
         return value
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
@@ -235,9 +256,9 @@ def _check_range(value, meta, key: str):
         lo, hi = meta.get("lo"), meta.get("hi")
         if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
             word = "greater than" if meta.get("lo_open") else "at least"
-            raise RecipeError(f"{key}: must be {word} {lo}, got {v}")
+            raise _key_error(key, f"must be {word} {lo}, got {v}")
         if hi is not None and v > hi:
-            raise RecipeError(f"{key}: must be at most {hi}, got {v}")
+            raise _key_error(key, f"must be at most {hi}, got {v}")
 
 
 def _build(cls, mapping: Mapping, prefix: str = ""):
@@ -248,9 +269,11 @@ def _build(cls, mapping: Mapping, prefix: str = ""):
         if key not in fields:
             where = prefix.rstrip(".") or "the recipe's top level"
             shown = str(key) if str(key).isprintable() else repr(key)  # one line, whatever the key holds
-            raise RecipeError(
+            err = RecipeError(
                 f"unknown key {prefix}{shown} in {where}{_suggest(key, fields)}; valid keys: {', '.join(fields)}"
             )
+            err.key = prefix + str(key)
+            raise err
         kwargs[key] = _convert(value, hints[key], prefix + str(key))
         _check_range(kwargs[key], fields[key].metadata, prefix + str(key))
     return cls(**kwargs)
@@ -259,48 +282,68 @@ def _build(cls, mapping: Mapping, prefix: str = ""):
 def _check_consistency(recipe: Recipe) -> None:
     m, d = recipe.model, recipe.data
     if m.likelihood in ("categorical", "logistic") and d.quantize_bits is None:
-        raise RecipeError(
-            f"model.likelihood: {m.likelihood!r} needs quantized data; set data.quantize_bits (e.g. 3) "
-            "or use likelihood 'bernoulli'"
+        raise _key_error(
+            "model.likelihood",
+            f"{m.likelihood!r} needs quantized data; set data.quantize_bits (e.g. 3) or use likelihood 'bernoulli'",
+            ("data.quantize_bits",),
         )
     if m.likelihood == "bernoulli" and d.binarize == "none" and d.quantize_bits is not None:
-        raise RecipeError("model.likelihood: 'bernoulli' needs binary data; set data.binarize or another likelihood")
+        raise _key_error(
+            "model.likelihood", "'bernoulli' needs binary data; set data.binarize or another likelihood",
+            ("data.binarize", "data.quantize_bits"),
+        )
     if m.architecture == "conv" and d.dataset != "cifar10":
-        raise RecipeError(
-            f"model.architecture: 'conv' is built for 32x32x3 images (cifar10), not {d.dataset!r}; use 'mlp'"
+        raise _key_error(
+            "model.architecture",
+            f"'conv' is built for 32x32x3 images (cifar10), not {d.dataset!r}; use 'mlp'",
+            ("data.dataset",),
         )
     if recipe.evaluate.ais.init == "encoder" and m.encoder == "flow":
-        raise RecipeError(
-            "evaluate.ais.init: 'encoder' needs an exact log q, which the auxiliary 'flow' encoder does not have; "
-            "use 'ffg' (the fitted q*_FFG) or 'prior'"
+        raise _key_error(
+            "evaluate.ais.init",
+            "'encoder' needs an exact log q, which the auxiliary 'flow' encoder does not have; "
+            "use 'ffg' (the fitted q*_FFG) or 'prior'",
+            ("model.encoder",),
         )
     if recipe.evaluate.ais.init == "ffg" and "ffg" not in (*recipe.evaluate.families, m.encoder):
-        raise RecipeError(
-            "evaluate.ais.init: 'ffg' starts AIS at the fitted q*_FFG; add ffg to evaluate.families or use 'prior'"
+        raise _key_error(
+            "evaluate.ais.init",
+            "'ffg' starts AIS at the fitted q*_FFG; add ffg to evaluate.families or use 'prior'",
+            ("evaluate.families", "model.encoder"),
         )
 
 
 # ---------------------------------------------------------------- loading
 
+# Where each key of a loaded tree came from, so that an error names the file or the --set to
+# fix: {("train", "num_epochs"): source}, a source being ("file", shown path) or
+# ("set", "--set text", "dotted.key"). Sections are keyed too (("model",)).
+Source = Tuple[str, ...]
+Sources = Dict[Tuple[str, ...], Source]
 
-def _read_yaml(path: Path) -> Dict[str, Any]:
+# Top-level keys that are settings rather than sections: a file holding only these is empty.
+_SCALAR_KEYS = ("name", "seed", "device", "num_threads")
+
+
+def _read_yaml(path: Path, shown: Optional[str] = None) -> Dict[str, Any]:
+    shown = shown or str(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise RecipeError(f"recipe {path} does not exist; see recipes/ for examples") from None
+        raise RecipeError(f"recipe {shown} does not exist; see recipes/ for examples") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.__class__.__name__}; pass a YAML file") from None
+        raise RecipeError(f"cannot read recipe {shown}: {exc.__class__.__name__}; pass a YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{path}: malformed YAML{where}: {problem}") from None
+        raise RecipeError(f"{shown}: malformed YAML{where}: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        raise RecipeError(f"{shown}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -314,22 +357,39 @@ def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _load_tree(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+def _record(sources: Sources, node: Mapping, prefix: Tuple[str, ...], source: Source) -> None:
+    """Mark every key under ``node`` (sections and values) as coming from ``source``."""
+    for key, value in node.items():
+        path = prefix + (str(key),)
+        sources[path] = source
+        if isinstance(value, Mapping):
+            _record(sources, value, path, source)
+
+
+def _load_tree(path: Path, shown: str, seen: Tuple[Path, ...] = ()) -> Tuple[Dict[str, Any], Sources]:
+    """The merged tree of ``path`` and its bases, and where each key came from; ``shown`` names the file."""
     path = path.resolve()
     if path in seen:
-        raise RecipeError(f"{path.name}: 'base' chain loops back to itself")
-    data = _read_yaml(path)
+        raise RecipeError(f"{shown}: 'base' chain loops back to itself")
+    data = _read_yaml(path, shown)
     base = data.pop("base", None)
-    if base is None:
-        return data
-    bases = base if isinstance(base, list) else [base]
     merged: Dict[str, Any] = {}
+    sources: Sources = {}
+    bases = [] if base is None else base if isinstance(base, list) else [base]
     for item in bases:
         if not isinstance(item, str):
-            raise RecipeError(f"{path.name}: base: expected a file name or a list of them, got {base!r}")
+            raise RecipeError(f"{shown}: base: expected a file name or a list of them, got {base!r}")
         base_path = (path.parent / item) if not os.path.isabs(item) else Path(item)
-        merged = _merge(merged, _load_tree(base_path, seen + (path,)))
-    return _merge(merged, data)
+        if not base_path.exists():
+            raise RecipeError(
+                f"{shown}: base: {item} does not exist (looked for {base_path.resolve()}); fix the base: line"
+            )
+        base_shown = item if os.path.isabs(item) else os.path.normpath(os.path.join(os.path.dirname(shown), item))
+        tree, found = _load_tree(base_path, base_shown, seen + (path,))
+        merged = _merge(merged, tree)
+        sources.update(found)
+    _record(sources, data, (), ("file", shown))
+    return _merge(merged, data), sources
 
 
 def parse_override(text: str) -> Tuple[List[str], Any]:
@@ -347,38 +407,97 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(tree: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+def _apply(tree: Dict[str, Any], overrides: Iterable[str], sources: Sources) -> Dict[str, Any]:
+    """``tree`` with each override applied in order, recording each as the source of what it set."""
     tree = _merge({}, tree)
     for text in overrides:
         parts, value = parse_override(text)
+        source = ("set", f"--set {text}", ".".join(parts))
         node = tree
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if not isinstance(child, dict):
                 child = {}
                 node[part] = child
+                sources[tuple(parts[: i + 1])] = source
             node = child
         node[parts[-1]] = value
+        sources[tuple(parts)] = source
+        if isinstance(value, Mapping):
+            _record(sources, value, tuple(parts), source)
     return tree
 
 
+def apply_overrides(tree: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+    """``tree`` with each ``section.key=value`` override applied in order (a new tree)."""
+    return _apply(tree, overrides, {})
+
+
 def recipe_from_dict(tree: Mapping[str, Any]) -> Recipe:
-    """Validate a plain mapping (as read from YAML) into a :class:`Recipe`."""
+    """Validate a plain mapping (as read from YAML) into a :class:`Recipe`.
+
+    Sections and keys left out take their defaults; only files (:func:`load_recipe`)
+    must name their data.
+    """
     recipe = _build(Recipe, tree)
     _check_consistency(recipe)
     return recipe
 
 
-def load_recipe(path, overrides: Iterable[str] = ()) -> Recipe:
+def _source_of(sources: Sources, key: Optional[str]) -> Optional[Source]:
+    """Where the value at dotted ``key`` (list indices ignored) was set; None when it is a default."""
+    if not key:
+        return None
+    return sources.get(tuple(re.sub(r"\[\d+\]", "", key).split(".")))
+
+
+def _located(exc: RecipeError, sources: Sources, shown: str) -> RecipeError:
+    """``exc`` prefixed with where its value came from: the ``--set`` that gave it, else the file."""
+    source = _source_of(sources, exc.key)
+    if source is not None and source[0] == "set":
+        _, text, set_key = source
+        detail = exc.problem if exc.problem is not None and exc.key == set_key else str(exc)
+        return RecipeError(f"{text}: {detail}")
+    where = source[1] if source is not None else shown
+    # A consistency error can come from a file's value clashing with a --set of another key.
+    sets = []
+    for key in exc.related:
+        other = _source_of(sources, key)
+        if other is not None and other[0] == "set" and other[1] not in sets:
+            sets.append(other[1])
+    with_sets = f" (with {', '.join(sets)})" if sets else ""
+    return RecipeError(f"{where}{with_sets}: {exc}")
+
+
+def load_recipe(path, overrides: Iterable[str] = (), *, require_data: bool = True) -> Recipe:
     """Read, extend (``base:``), override (``--set``) and validate a recipe file.
 
-    The recipe's ``name`` defaults to the file's stem.
+    The recipe's ``name`` defaults to the file's stem. A file must describe an
+    experiment: one that holds no section (after its bases), or that names no
+    ``data.dataset`` (in it, its bases or a ``--set``), is an error rather than a
+    run of every default. ``require_data=False`` lifts both checks, for a file read
+    only for its evaluation settings. An error names the file, or the ``--set``,
+    that holds the bad value.
     """
     path = Path(path)
-    tree = _load_tree(path)
+    shown = str(path)
+    tree, sources = _load_tree(path, shown)
+    has_section = any(key not in _SCALAR_KEYS for key in tree)
     tree.setdefault("name", path.stem)
-    tree = apply_overrides(tree, overrides)
+    tree = _apply(tree, overrides, sources)
+    if require_data and not has_section:
+        raise RecipeError(
+            f"{shown}: the recipe is empty; it needs at least a data section naming the dataset "
+            "(data: {dataset: digits}) and usually model, train and evaluate sections; see recipes/quickstart.yaml"
+        )
     try:
-        return recipe_from_dict(tree)
+        recipe = recipe_from_dict(tree)
     except RecipeError as exc:
-        raise RecipeError(f"{path.name}: {exc}") from None
+        raise _located(exc, sources, shown) from None
+    if require_data and ("data", "dataset") not in sources:
+        choices = ", ".join(typing.get_args(typing.get_type_hints(DataConfig)["dataset"]))
+        raise RecipeError(
+            f"{shown}: data.dataset is not given; name the dataset in the data section "
+            f"(data: {{dataset: digits}}; one of {choices}) or pass --set data.dataset=NAME"
+        )
+    return recipe
