@@ -21,17 +21,23 @@ _DEBUG = {"on": False}
 
 
 class _TrainBar:
-    """Progress bar over epochs: ELBO, learning rate and speed."""
+    """Progress bar over epochs: ELBO, learning rate and speed; draws nothing when not ``enabled``."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, enabled: bool = True):
         self.total = total
+        self.enabled = enabled
         self.bar = None
 
     def __call__(self, row) -> None:
+        if not self.enabled:
+            return
         if self.bar is None:  # created at the first epoch, so a resumed run starts where it left off
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, initial=row["epoch"] - 1, desc="train", unit="epoch", dynamic_ncols=True)
+            # The bar's clock starts when this epoch's training did, not now: the first
+            # update's time then covers the whole epoch, and so does the rate it shows.
+            self.bar.start_t = self.bar.last_print_t = self.bar.start_t - row.get("seconds", 0.0)
         self.bar.update(1)
         info = {"elbo": f"{row['train_elbo']:.2f}"}
         if row["valid_elbo"] == row["valid_elbo"]:  # not NaN: validated this epoch
@@ -48,20 +54,34 @@ class _TrainBar:
 
 
 class _StageBars:
-    """One progress bar per evaluation stage, with time left."""
+    """One progress bar per evaluation stage, in batches, with time left; draws nothing when not ``enabled``.
 
-    def __init__(self):
+    Called as ``(label, done, total)``: ``done`` counts finished batches plus the
+    finished fraction of the current one (3.42 of 10), so a stage whose batches
+    take minutes still moves and shows a rate and a remaining time.
+    """
+
+    # tqdm's default meter with the fractional count to two decimals.
+    BAR_FORMAT = "{l_bar}{bar}| {n:.2f}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.bars = {}
 
-    def __call__(self, label: str, done: int, total: int) -> None:
+    def __call__(self, label: str, done: float, total: float) -> None:
+        if not self.enabled:
+            return
         from tqdm import tqdm
 
         bar = self.bars.get(label)
         if bar is None:
             for other in self.bars.values():
                 other.close()
-            bar = self.bars[label] = tqdm(total=total, initial=done, desc=label, unit="batch", dynamic_ncols=True)
-        else:
+            # miniters=0: redraw on any progress (at most every mininterval), never wait for a
+            # whole batch as tqdm's adaptive miniters would after a fast stretch.
+            bar = self.bars[label] = tqdm(total=total, initial=done, desc=label, unit="batch", dynamic_ncols=True,
+                                          bar_format=self.BAR_FORMAT, miniters=0)
+        elif done != bar.n:
             bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -77,6 +97,15 @@ set_option = click.option(
     metavar="SECTION.KEY=VALUE",
     help="Override a recipe key, e.g. --set train.num_epochs=5 (repeatable).",
 )
+evaluate_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override an evaluation setting, e.g. --set evaluate.ais.num_steps=200 (repeatable); "
+         "only evaluate.*, device and num_threads can change after training.",
+)
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars (summaries and warnings still print).")
 device_option = click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
@@ -85,11 +114,18 @@ device_option = click.option(
 )
 
 
+def _quiet(quiet: bool) -> bool:
+    """The command's --quiet, or the group's (gapbench --quiet COMMAND)."""
+    ctx = click.get_current_context(silent=True)
+    return quiet or bool(ctx is not None and ctx.find_root().params.get("quiet"))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="gapbench")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def cli(debug: bool, verbose: bool) -> None:
+@quiet_option
+def cli(debug: bool, verbose: bool, quiet: bool) -> None:
     """Train VAEs and split their inference gap log p(x) - ELBO into the
     approximation gap (the family is too simple) and the amortization gap
     (the encoder misses the family's best member).
@@ -127,14 +163,15 @@ def datasets(data_dir: Optional[str], download_names: Sequence[str]) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe name>).")
 @device_option
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
-def train(recipe: str, overrides, out: Optional[str], device: Optional[str], resume: bool) -> None:
+@quiet_option
+def train(recipe: str, overrides, out: Optional[str], device: Optional[str], resume: bool, quiet: bool) -> None:
     """Train the VAE a RECIPE describes; writes checkpoint.pt, train_log.csv, recipe.yaml, meta.json."""
     from gapbench.recipe import load_recipe
     from gapbench.train import train_run
 
     r = load_recipe(recipe, overrides)
     run_dir = Path(out) if out else Path("runs") / r.name
-    bar = _TrainBar(r.train.num_epochs)
+    bar = _TrainBar(r.train.num_epochs, enabled=not _quiet(quiet))
     try:
         result = train_run(r, run_dir, device=device, resume=resume, callback=bar)
     finally:
@@ -144,16 +181,20 @@ def train(recipe: str, overrides, out: Optional[str], device: Optional[str], res
 
 @cli.command("evaluate-gaps")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--split", type=click.Choice(["train", "valid", "test"]), default=None, help="Which split (recipe default: test).")
-@click.option("--num-points", type=click.IntRange(min=1), default=None, help="How many datapoints (recipe default: 1000).")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default=None,
+              help="Which split (default: the recipe's evaluate.split).")
+@click.option("--num-points", type=click.IntRange(min=1), default=None,
+              help="How many datapoints (default: the recipe's evaluate.num_points).")
 @click.option("--families", default=None, metavar="F1,F2", help="Local families to fit, e.g. ffg,flow.")
 @click.option("--recipe", "settings_recipe", type=click.Path(dir_okay=False), default=None,
               help="Take the evaluation settings (evaluate section, device, num_threads) from this recipe "
                    "instead of the run's own recipe.yaml.")
-@set_option
+@evaluate_set_option
 @device_option
 @click.option("--resume", is_flag=True, help="Keep finished batches of an interrupted evaluation.")
-def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, overrides, device, resume: bool) -> None:
+@quiet_option
+def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, overrides, device, resume: bool,
+                  quiet: bool) -> None:
     """Estimate L[q], L[q*], IWAE and AIS per datapoint of a trained RUN_DIR; writes gaps/<split>.csv/json."""
     from gapbench.evaluate import _check_overrides, evaluate_run
     from gapbench.recipe import load_recipe
@@ -169,7 +210,7 @@ def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, ov
     if settings_recipe is not None:
         _check_overrides(extra)
         settings, extra = load_recipe(settings_recipe, extra), []
-    bars = _StageBars()
+    bars = _StageBars(enabled=not _quiet(quiet))
     try:
         summary = evaluate_run(Path(run_dir), overrides=extra, device=device, resume=resume, callback=bars,
                                settings_from=settings)
@@ -210,15 +251,17 @@ def report(run_dirs, out: Optional[str], split) -> None:
 @set_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe name>).")
 @device_option
-def run(recipe: str, overrides, out: Optional[str], device: Optional[str]) -> None:
+@quiet_option
+def run(recipe: str, overrides, out: Optional[str], device: Optional[str], quiet: bool) -> None:
     """train -> evaluate-gaps -> report in one command, skipping finished stages."""
     from gapbench.pipeline import run_pipeline
 
     from gapbench.recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
-    bar = _TrainBar(r.train.num_epochs)
-    bars = _StageBars()
+    show = not _quiet(quiet)
+    bar = _TrainBar(r.train.num_epochs, enabled=show)
+    bars = _StageBars(enabled=show)
     try:
         _, table = run_pipeline(
             recipe,

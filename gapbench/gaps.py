@@ -23,7 +23,7 @@ datapoints, so an evaluation can save and resume batch by batch.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -79,10 +79,13 @@ def run_stage(
     seed: int,
     family_kwargs: Optional[Dict] = None,
     init=None,
+    progress_fn: Optional[Callable[[int, int], None]] = None,
 ) -> Tuple[Columns, Dict[str, torch.Tensor]]:
     """Run one stage on a batch x [N, ...]: per-datapoint columns [N] and small traces.
 
     ``init`` (local stages) is the posterior a local fit starts from; None is the prior.
+    ``progress_fn(done, total)`` reports progress within the batch: passed on to fit_local
+    (point-steps) and ais (transitions); the amortized and IWAE stages call it once, (1, 1), at the end.
     Local FFG fits also return their parameters (``ffg_mean``, ``ffg_log_var``) in the traces,
     so flows can start from them.
     """
@@ -94,13 +97,17 @@ def run_stage(
         with torch.no_grad():
             q = model.posterior(x)
             value, stderr = elbo_and_stderr(model, x, q, cfg.elbo_samples)
+        if progress_fn is not None:
+            progress_fn(1, 1)
         return {"elbo_q": value, "elbo_q_se": stderr}, {}
     if stage == "iwae":
         with torch.no_grad():
             value = iwae(model, x, model.posterior(x), num_samples=cfg.iwae_samples, seed=seed)
+        if progress_fn is not None:
+            progress_fn(1, 1)
         return {"iwae": value}, {}
     if stage == "ais":
-        res = run_ais(model, x, cfg, seed, init=init)
+        res = run_ais(model, x, cfg, seed, init=init, progress_fn=progress_fn)
         cols = {
             "ais": res.log_px,
             "ais_ess": res.ess,
@@ -123,6 +130,7 @@ def run_stage(
             num_final_samples=loc.num_final_samples,
             seed=seed,
             family_kwargs=family_kwargs,
+            progress_fn=progress_fn,
         )
         cols = {
             f"elbo_{family}": fit.elbo,
@@ -137,8 +145,9 @@ def run_stage(
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def run_ais(model, x: torch.Tensor, cfg: EvaluateConfig, seed: int, num_steps: Optional[int] = None, init=None):
-    """AIS with the evaluation's settings (``num_steps`` overrides the recipe's).
+def run_ais(model, x: torch.Tensor, cfg: EvaluateConfig, seed: int, num_steps: Optional[int] = None, init=None,
+            progress_fn: Optional[Callable[[int, int], None]] = None):
+    """AIS with the evaluation's settings (``num_steps`` overrides the recipe's); ``progress_fn`` as in :func:`ais`.
 
     It starts from ``init`` when given (the fitted q*_FFG), else the encoder's q
     (``ais.init: encoder``) or the prior.
@@ -158,6 +167,7 @@ def run_ais(model, x: torch.Tensor, cfg: EvaluateConfig, seed: int, num_steps: O
         init=init,
         seed=seed,
         compile=a.compile,
+        progress_fn=progress_fn,
     )
 
 

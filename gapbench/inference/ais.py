@@ -37,6 +37,7 @@ from gapbench.inference.gradients import (
     value_and_grad,
 )
 from gapbench.inference.hmc import HMCState, hmc_transition
+from gapbench.inference.progress import ProgressFn, throttled
 from gapbench.models.posterior import DiagonalGaussian, FamilyPosterior
 from gapbench.inference.schedule import annealing_schedule
 from gapbench.ops import log_normal, log_standard_normal, logmeanexp
@@ -216,10 +217,11 @@ def _combine(beta: float, aux) -> Tuple[Optional[Tensor], Tensor]:
 
 
 def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, step_size_range, record_every,
-            compile=False):
+            compile=False, progress=None):
     """Run C chains per datapoint through the densities f_{betas[0]} .. f_{betas[-1]}.
 
     log w = sum_i (betas[i] - betas[i-1]) (log p(x, z_{i-1}) - log p0(z_{i-1})), accumulated in float64.
+    ``progress(i)``, when given, is called after transition i (a Python count: no device sync).
     """
     num_chains, num_points = z.shape[0], z.shape[1]
     lo, hi = step_size_range
@@ -248,8 +250,14 @@ def _anneal(model, x, p0, z, betas, num_leapfrog, step_size, target_acceptance, 
             steps.append(i)
             beta_rec.append(beta)
             log_z_rec.append(logmeanexp(log_w, dim=0))
+        if progress is not None:
+            progress(i)
     record = (steps, beta_rec, log_z_rec) if record_every else None
     return log_w, accept_sum / num_transitions, eps, z, record
+
+
+def _report_transitions(report, offset: int, total: int, i: int) -> None:
+    report(offset + i, total)
 
 
 AUTO_STEP_FRACTION = 0.1
@@ -273,7 +281,8 @@ def _auto_step_size(p0, step_size_range) -> Tensor:
 
 
 def _run(model, x, init, z_start, reverse, num_steps, num_chains, num_leapfrog, schedule, step_size,
-         target_acceptance, step_size_range, chunk_size, record_every, seed, compile) -> AISResult:
+         target_acceptance, step_size_range, chunk_size, record_every, seed, compile,
+         progress_fn: Optional[ProgressFn] = None) -> AISResult:
     latent_dim = check_model(model)
     num_points = check_batch(x)
     if num_chains < 1 or num_leapfrog < 1:
@@ -289,8 +298,13 @@ def _run(model, x, init, z_start, reverse, num_steps, num_chains, num_leapfrog, 
         except NotImplementedError:
             pass
     parts: List[tuple] = []
+    chunks = list(point_chunks(num_points, chunk_size))
+    # Progress in transitions: each chunk's chains take len(betas) - 1 of them.
+    report = throttled(progress_fn)
+    num_transitions = len(betas) - 1
+    total = len(chunks) * num_transitions
     with seeded(seed, device):
-        for idx in point_chunks(num_points, chunk_size):
+        for k, idx in enumerate(chunks):
             p0 = index_posterior(p0_all, idx, num_points)
             if reverse:
                 z0 = z_start[:, idx].to(device=device, dtype=dtype)
@@ -299,8 +313,9 @@ def _run(model, x, init, z_start, reverse, num_steps, num_chains, num_leapfrog, 
                 with torch.no_grad():
                     z0 = p0.sample(num_chains).detach()  # [C, n, D]
             eps0 = _auto_step_size(p0, step_size_range) if step_size == "auto" else float(step_size)
+            progress = None if report is None else partial(_report_transitions, report, k * num_transitions, total)
             parts.append(_anneal(model, x[idx], p0, z0, betas, num_leapfrog, eps0, target_acceptance,
-                                 step_size_range, record_every, compile))
+                                 step_size_range, record_every, compile, progress))
     log_w = torch.cat([p[0] for p in parts], dim=1)
     acceptance = torch.cat([p[1] for p in parts], dim=1).mean(0)
     eps = torch.cat([p[2] for p in parts], dim=1)
@@ -314,6 +329,8 @@ def _run(model, x, init, z_start, reverse, num_steps, num_chains, num_leapfrog, 
         log_z = torch.cat([torch.stack(p[4][2]) for p in parts], dim=1)  # [K, N]
         trace = AISTrace(torch.tensor(steps, dtype=torch.long), torch.tensor(beta_rec, dtype=torch.float64),
                          -log_z if reverse else log_z)
+    if report is not None:
+        report.finish(total, total)
     finite = torch.isfinite(log_px)
     if int((~finite).sum()):
         logger.warning("%s AIS: %d of %d datapoints gave a non-finite estimate (kept, flagged in .finite)",
@@ -338,6 +355,7 @@ def ais(
     record_every: Optional[int] = None,
     seed: Optional[int] = None,
     compile: bool = False,
+    progress_fn: Optional[ProgressFn] = None,
 ) -> AISResult:
     """Estimate log p(x) per datapoint by annealed importance sampling with HMC.
 
@@ -371,12 +389,16 @@ def ais(
             Applies to MLP decoders with Bernoulli pixels from a diagonal-Gaussian start;
             the same random draws as without it, so results agree up to rounding. The first
             call per chunk shape compiles (about 10 s on a CPU).
+        progress_fn: None, or called as ``progress_fn(done, total)`` in transitions: done of
+            total = (number of chunks) x num_steps, all chains of a chunk advancing together;
+            at most every 0.2 s and once at the end with done == total. It does not change
+            any result.
 
     Returns:
         :class:`AISResult`. Neal 2001; Wu et al. 2017.
     """
     return _run(model, x, init, None, False, num_steps, num_chains, num_leapfrog, schedule, step_size,
-                target_acceptance, step_size_range, chunk_size, record_every, seed, compile)
+                target_acceptance, step_size_range, chunk_size, record_every, seed, compile, progress_fn)
 
 
 def ais_reverse(
@@ -396,6 +418,7 @@ def ais_reverse(
     record_every: Optional[int] = None,
     seed: Optional[int] = None,
     compile: bool = False,
+    progress_fn: Optional[ProgressFn] = None,
 ) -> AISResult:
     """Reverse AIS: anneal from the posterior back to p0, starting at exact posterior samples z.
 
@@ -407,7 +430,7 @@ def ais_reverse(
 
     Args:
         z: [N, D] (one exact posterior sample per datapoint, shared by its C chains)
-            or [C, N, D]. Other arguments as in :func:`ais`.
+            or [C, N, D]. Other arguments (``progress_fn`` too) as in :func:`ais`.
 
     Returns:
         :class:`AISResult` with ``reverse=True`` (``log_px`` is the upper estimate).
@@ -418,4 +441,4 @@ def ais_reverse(
     if z.dim() != 3 or z.shape[1] != x.shape[0] or z.shape[0] not in (1, num_chains):
         raise ValueError(f"z must be [N, D] or [C, N, D] with N = {x.shape[0]} and C = {num_chains}, got {tuple(z.shape)}")
     return _run(model, x, init, z, True, num_steps, num_chains, num_leapfrog, schedule, step_size,
-                target_acceptance, step_size_range, chunk_size, record_every, seed, compile)
+                target_acceptance, step_size_range, chunk_size, record_every, seed, compile, progress_fn)

@@ -18,6 +18,7 @@ from torch import Tensor
 from gapbench.inference._common import check_batch, check_model, float_dtype, log_joint, seeded
 from gapbench.inference.adam import adam_update
 from gapbench.inference.bounds import elbo_and_stderr
+from gapbench.inference.progress import ProgressFn, throttled
 from gapbench.models.posterior import Family, FamilyPosterior, as_posterior, get_family
 
 logger = logging.getLogger("gapbench.inference")
@@ -82,6 +83,7 @@ def fit_local(
     chunk_size: Optional[int] = None,
     seed: Optional[int] = None,
     family_kwargs: Optional[dict] = None,
+    progress_fn: Optional[ProgressFn] = None,
 ) -> LocalFit:
     """Fit the best member q* of ``family`` to each datapoint's posterior separately.
 
@@ -106,6 +108,15 @@ def fit_local(
             datapoint's place is taken by the next waiting one.
         seed: run under this seed without disturbing the global generator.
         family_kwargs: extra arguments for ``get_family`` (e.g. flow sizes).
+        progress_fn: None, or called as ``progress_fn(done, total)`` in point-steps (one
+            datapoint's one Adam step, or its one rejected step when the loss was not finite):
+            done = steps taken so far, summed over datapoints;
+            total = done + every unfinished datapoint's steps left before ``max_steps``. It
+            starts at ``N * max_steps`` and shrinks to the exact count as datapoints stop
+            early, so done/total never overstates the progress and the time left it implies
+            is an upper bound that tightens as the fit goes on. Called at most every 0.2 s
+            and once at the very end (after the final ELBO) with done == total; it does not
+            change any result.
 
     Returns:
         :class:`LocalFit`. Cremer, Li & Duvenaud 2018.
@@ -119,6 +130,10 @@ def fit_local(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     capacity = num_points if chunk_size is None else min(chunk_size, num_points)
+    report = throttled(progress_fn)
+    # Point-steps: every pass of the loop is one step of each active datapoint (one that
+    # fails stops at it), so a datapoint's steps when it stops are its t then.
+    steps_done, steps_total = 0, num_points * max_steps
 
     with seeded(seed, device):
         init_q = None if init is None else as_posterior(init)
@@ -195,6 +210,8 @@ def fit_local(
             failed[active[~ok]] = True
 
             if bool(done.any()):
+                if report is not None:
+                    steps_total -= int((max_steps - t[done]).sum())
                 flat[active], m_all[active], v_all[active] = f_act, m_act, v_act
                 active = active[~done]
                 num_new = min(capacity - active.numel(), num_points - next_point)
@@ -203,6 +220,9 @@ def fit_local(
                     active = torch.cat([active, fresh])
                     next_point += num_new
                 f_act, m_act, v_act, x_act = flat[active], m_all[active], v_all[active], x[active]
+            if report is not None:
+                steps_done += n
+                report(steps_done, steps_total)
 
         params = unflatten(flat, slice(None))
         q_star = fam.posterior({k: v.detach() for k, v in params.items()}, num_points)
@@ -216,6 +236,8 @@ def fit_local(
         logger.info("fit_local: %d of %d datapoints stopped at max_steps=%d before converging",
                     int((~converged & ~failed).sum()), num_points, max_steps)
     used = int(num_checks.max()) if num_points else 0
+    if report is not None:
+        report.finish(steps_done, steps_total)
     fit_trace = FitTrace(
         steps=torch.arange(1, used + 1, device=device) * check_every,
         elbo=trace[:used],
