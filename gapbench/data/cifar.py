@@ -21,10 +21,14 @@ plain containers and numpy arrays.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import pickle
-from typing import Dict, Tuple
+import struct
+import tarfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -107,6 +111,50 @@ def load_cifar_set(spec, found) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.
         if x.shape[0] != n:
             raise DataError(f"{found.folder}: the {split} batches hold {x.shape[0]} images, expected {n}; get them again")
     return train_x, train_y, test_x, test_y
+
+
+def quick_problem(spec, found) -> Optional[Tuple[Path, str]]:
+    """(file, why) when a found CIFAR-10 file is visibly cut short, from a few bytes of each; else None.
+
+    A batch is a pickle, which always ends with the STOP opcode ``.``. A gzipped
+    archive records its decompressed length, which for a tar is a whole number of
+    512-byte blocks; only where it is not is the archive read through (to confirm,
+    so a valid file is never called damaged). Content (SHA-256) is left to loading.
+    """
+    if found.archive is not None:
+        path = found.archive
+        try:
+            with open(path, "rb") as fh:
+                if fh.read(2) != b"\x1f\x8b":
+                    return None  # an uncompressed tar: loading checks it
+                if fh.seek(0, 2) < 18:
+                    return path, "too short for a gzip file"
+                fh.seek(-4, 2)
+                (length_mod,) = struct.unpack("<I", fh.read(4))
+        except OSError as exc:
+            return path, f"cannot be read: {exc.strerror or exc}"
+        if length_mod % 512 == 0:
+            return None
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as exc:
+            return path, f"archive cut short or damaged: {exc}"
+        return None
+    for f in spec.files:
+        path = found.path(f.name)
+        try:
+            with open(path, "rb") as fh:
+                size = fh.seek(0, 2)
+                if size == 0:
+                    return path, "empty file"
+                fh.seek(-1, 2)
+                last = fh.read(1)
+        except OSError as exc:
+            return path, f"cannot be read: {exc.strerror or exc}"
+        if last != b".":
+            return path, f"the pickle lacks its end mark: cut short at {size} bytes"
+    return None
 
 
 def quantize(x: np.ndarray, bits: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -61,12 +62,21 @@ class Dataset:
 
 @dataclass(frozen=True)
 class DatasetStatus:
-    """One row of ``gapbench datasets``."""
+    """One row of ``gapbench datasets``: ``status`` is "available", "missing" or "damaged".
+
+    ``how_to_get`` says how to obtain a missing dataset; for a damaged one it is
+    ``problem``: which file, why, and what to do.
+    """
 
     name: str
     available: bool
     location: Optional[str]
     how_to_get: str
+    problem: Optional[str] = None  # "damaged: <file> is truncated or corrupt (<why>); ..." or None
+
+    @property
+    def status(self) -> str:
+        return "damaged" if self.problem else "available" if self.available else "missing"
 
 
 def _stamp(paths) -> Tuple:
@@ -177,8 +187,32 @@ def load_dataset(
     )
 
 
+def quick_check(spec: DatasetSpec, found: Found) -> Optional[Tuple[Path, str]]:
+    """(file, why) when a found file is visibly truncated or is not the expected file, else None.
+
+    Reads only headers and trailers (milliseconds); the full checks, SHA-256
+    included, run when the dataset is loaded.
+    """
+    if spec.archive_dir:
+        return cifar.quick_problem(spec, found)
+    if spec.files[0].name.endswith(".mat"):
+        path = found.path(spec.files[0].name)
+        why = omniglot.quick_problem(path)
+        return (path, why) if why else None
+    for f in spec.files:
+        path = found.path(f.name)
+        why = idx.quick_problem(path, idx.magic_of(f.name), idx.expected_dims(spec, f.name))
+        if why:
+            return path, why
+    return None
+
+
 def available_datasets(data_dir: Optional[PathLike] = None) -> List[DatasetStatus]:
-    """For each dataset: whether its files are present (not yet verified), where, and how to get it."""
+    """For each dataset: whether its files are present and look whole, where, and how to get it.
+
+    Files are checked quickly (:func:`quick_check`: lengths and headers); a damaged one
+    makes the row "damaged", with the file and the fix, rather than "available".
+    """
     rows = []
     for name in DATASETS:
         spec = get_spec(name)
@@ -187,5 +221,14 @@ def available_datasets(data_dir: Optional[PathLike] = None) -> List[DatasetStatu
             continue
         found = find_files(spec, data_dir)
         location = str(found.archive or found.folder) if found else None
+        damage = quick_check(spec, found) if found else None
+        if damage is not None:
+            path, why = damage
+            problem = (
+                f"damaged: {path} is truncated or corrupt ({why}); delete it and download again "
+                f"(gapbench datasets --download {name})"
+            )
+            rows.append(DatasetStatus(name, False, location, problem, problem))
+            continue
         rows.append(DatasetStatus(name, found is not None, location, how_to_get(spec, data_dir)))
     return rows

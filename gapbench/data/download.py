@@ -3,7 +3,9 @@
 Each file is streamed into a temporary file in the target folder, its SHA-256
 (or, where no SHA-256 is known, its MD5) compared with the spec, and only then
 renamed into place atomically. On any failure the temporary file is deleted
-and a DataError says what happened; no other file is touched. Files already
+and a DataError says what happened; a folder the download created is removed
+with everything in it, and in a folder that was already there no other file is
+touched (files fetched and verified before the failure stay). Files already
 present and matching are not fetched again.
 
 Mirrors are tried in order: the ``base_urls`` argument, else
@@ -85,21 +87,58 @@ def _fetch(url: str, dest: Path, f: FileSpec) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _missing_folders(path: Path) -> List[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_created(created: List[Path]) -> None:
+    """Remove the folders a failed download created: the deepest with its content, the parents if empty."""
+    if not created:
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for folder in created[1:]:
+        try:
+            folder.rmdir()
+        except OSError:
+            break  # not empty: something else lives there now
+
+
 def download_dataset(name: str, root: Optional[PathLike] = None, base_urls: Optional[Sequence[str]] = None) -> Path:
     """Fetch dataset ``name`` into ``<root>/<name>/`` (default: the user cache) and return that folder.
 
     Raises DataError when every mirror fails for some file (the message lists
-    each URL tried and why) or when the dataset needs no download (digits).
+    each URL tried and why) or when the dataset needs no download (digits). A
+    failed download removes the folders it created (see the module docstring).
     """
     spec = get_spec(name)
     if not spec.downloads:
         raise DataError(f"{name} needs no download: it is bundled with scikit-learn")
     target = download_dir(spec, root)
+    created = _missing_folders(target)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create {target} ({exc}); pass another folder with --data-dir") from None
-    urls = mirrors_for(name, base_urls)
+        _remove_created(created)
+        raise DataError(
+            f"cannot create {target} ({exc.strerror or exc}); download into another folder: "
+            "--data-dir DIR (gapbench datasets), data.data_dir (a recipe) or $GAPBENCH_DATA"
+        ) from None
+    try:
+        _download_into(spec, target, mirrors_for(name, base_urls))
+    except BaseException:
+        _remove_created(created)
+        raise
+    return target
+
+
+def _download_into(spec, target: Path, urls: List[str]) -> None:
+    """Fetch every file of ``spec`` missing from ``target`` (and extract an archive); see :func:`download_dataset`."""
+    name = spec.name
     for f in spec.downloads:
         dest = target / f.name
         if spec.archive_dir and all((target / spec.archive_dir / m.name).is_file() for m in spec.files):
@@ -122,13 +161,17 @@ def download_dataset(name: str, root: Optional[PathLike] = None, base_urls: Opti
         else:
             raise DataError(
                 f"could not download {name}/{f.name}: " + "; ".join(failures)
-                + f"; check the network or set GAPBENCH_MIRROR, or put the file in {target}"
+                + f"; check the network, or set $GAPBENCH_MIRROR to a mirror holding {name}/{f.name}, "
+                f"or put the file in {target} yourself"
             )
     if spec.archive_dir:
         archive = target / spec.downloads[0].name
         if archive.is_file():
+            extracted = _missing_folders(target / spec.archive_dir)
             try:
                 safe_extract(archive, target)
+            except BaseException:
+                _remove_created(extracted)  # a half-extracted folder would look like the dataset
+                raise
             finally:
                 archive.unlink()  # ours: extracted, or refused and useless
-    return target

@@ -19,7 +19,7 @@ import hashlib
 import struct
 import zlib
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -77,6 +77,72 @@ def parse_idx(data: bytes, path: Path, magic: int, payload_sha256: Optional[str]
 def read_idx(path: Path, magic: int, payload_sha256: Optional[str] = None) -> np.ndarray:
     """Read and check one IDX file (gzipped or not); see :func:`parse_idx`."""
     return parse_idx(read_bytes(path), Path(path), magic, payload_sha256)
+
+
+def quick_problem(path: Path, magic: int, dims: Sequence[int]) -> Optional[str]:
+    """Why the IDX file at ``path`` cannot be the one holding ``dims``, from its header and length; None if it looks whole.
+
+    Reads a few bytes: the header and, for a gzip file, the trailer's record of the
+    decompressed length (a cut-short download ends elsewhere, so the record does not
+    match). Only where that record disagrees is the whole file decompressed, so a
+    valid file is never called damaged (a gzip of several members records only its
+    last one). Content (SHA-256) is left to loading.
+    """
+    header_len = 4 + 4 * (magic & 0xFF)
+    expected = header_len + int(np.prod(dims, dtype=np.int64))
+    try:
+        with open(path, "rb") as fh:
+            gzipped = fh.read(2) == b"\x1f\x8b"
+            size = fh.seek(0, 2)
+            if gzipped:
+                if size < 18:
+                    return f"{size} bytes, too short for a gzip file"
+                fh.seek(-4, 2)
+                (length_mod,) = struct.unpack("<I", fh.read(4))  # ISIZE: the decompressed length mod 2^32
+                fh.seek(0)
+                with gzip.GzipFile(fileobj=fh) as stream:
+                    header = stream.read(header_len)
+                length_ok = length_mod == expected % 2**32
+            else:
+                fh.seek(0)
+                header = fh.read(header_len)
+                length_ok = size == expected
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        return f"unreadable gzip: {exc}"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if len(header) < header_len:
+        return f"only {len(header)} bytes, too short for an IDX header"
+    (found_magic,) = struct.unpack(">I", header[:4])
+    if found_magic != magic:
+        return f"magic number 0x{found_magic:08x}, expected 0x{magic:08x}"
+    found_dims = struct.unpack(f">{magic & 0xFF}I", header[4:header_len])
+    if tuple(found_dims) != tuple(dims):
+        return f"header says {'x'.join(map(str, found_dims))}, expected {'x'.join(map(str, dims))}"
+    if length_ok:
+        return None
+    if gzipped:
+        try:
+            with gzip.open(path) as stream:
+                got = sum(len(block) for block in iter(lambda: stream.read(1 << 22), b""))
+        except (EOFError, OSError, zlib.error) as exc:
+            return f"gzip stream cut short or damaged: {exc}"
+    else:
+        got = size
+    if got == expected:
+        return None
+    word = "cut short" if got < expected else "has trailing bytes"
+    return f"{word}: {got - header_len} bytes of data, the header says {expected - header_len}"
+
+
+def expected_dims(spec, name: str) -> Tuple[int, ...]:
+    """The dimensions the IDX file ``name`` of ``spec`` must hold: (N, rows, cols) or (N,)."""
+    num = spec.num_train if name.startswith("train") else spec.num_test
+    return (num, *spec.image_shape[1:]) if "images" in name else (num,)
+
+
+def magic_of(name: str) -> int:
+    return IMAGES_MAGIC if "images" in name else LABELS_MAGIC
 
 
 def _read_pair(spec, found, images_name: str, labels_name: str, num_expected: int, split: str):

@@ -15,7 +15,9 @@ labels are the alphabet index 0..49 (argmax of the one-hot columns).
 
 from __future__ import annotations
 
-from typing import Tuple
+import struct
+from pathlib import Path
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -35,6 +37,41 @@ def _labels(mat: dict, key: str, n: int, path) -> np.ndarray:
     if onehot.ndim != 2 or onehot.shape[1] != n:
         raise DataError(f"{path}: {key!r} has shape {list(onehot.shape)}, expected [classes, {n}]; get the file again")
     return onehot.argmax(axis=0).astype(np.int64)
+
+
+def quick_problem(path: Path) -> Optional[str]:
+    """Why ``chardata.mat`` is visibly cut short, from its element tags alone; None when it looks whole.
+
+    A MATLAB v5 file is a 128-byte header and then data elements, each an 8-byte tag
+    (type, byte count) and that many bytes; the last one must end exactly at the end
+    of the file. Other versions are left to loading. Content is left to loading.
+    """
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(0)
+            header = fh.read(128)
+            if len(header) < 128:
+                return f"only {len(header)} bytes, too short for a MATLAB file header"
+            order = {b"IM": "<", b"MI": ">"}.get(header[126:128])
+            if order is None or struct.unpack(order + "H", header[124:126])[0] != 0x0100:
+                return None  # not version 5: loading decides
+            pos = 128
+            while pos < size:
+                fh.seek(pos)
+                tag = fh.read(8)
+                if len(tag) < 8:
+                    return f"cut short: {size - pos} stray bytes after the last element at byte {pos}"
+                kind, count = struct.unpack(order + "II", tag)
+                if kind >> 16:  # small element: type and count share the first word, data in the second
+                    pos += 8
+                    continue
+                if pos + 8 + count > size:
+                    return f"cut short: an element at byte {pos} needs {count} bytes, the file ends after {size - pos - 8}"
+                pos += 8 + count
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    return None
 
 
 def load_omniglot_set(spec, found) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
