@@ -60,9 +60,34 @@ def float_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
 
+def _shape_text(value) -> str:
+    shape = getattr(value, "shape", None)
+    return f"shape {list(shape)}" if shape is not None else f"a {type(value).__name__}, not a tensor"
+
+
+def check_density_shape(value, z: Tensor, name: str) -> None:
+    """Raise unless ``value`` (what model.``name`` returned for z [S, N, D]) has shape [S, N].
+
+    A shape comparison, free next to the model's forward pass; without it a model
+    that keeps a data or latent dimension ([S, N, 1]) fails later with a broadcasting
+    error that does not say which function is wrong.
+    """
+    if getattr(value, "shape", None) == z.shape[:-1]:
+        return
+    summed = "data" if name == "log_likelihood" else "latent"
+    raise ValueError(
+        f"model.{name} returned {_shape_text(value)} for z of shape {list(z.shape)}; it must return "
+        f"[S, N] = {list(z.shape[:-1])} (sum over {summed} dimensions)"
+    )
+
+
 def log_joint(model, x: Tensor, z: Tensor) -> Tensor:
-    """log p(x, z) = log p(z) + log p(x|z); z [S, N, D] -> [S, N]."""
-    return model.log_prior(z) + model.log_likelihood(x, z)
+    """log p(x, z) = log p(z) + log p(x|z); z [S, N, D] -> [S, N], each term's shape checked."""
+    log_prior = model.log_prior(z)  # [S, N]
+    check_density_shape(log_prior, z, "log_prior")
+    log_likelihood = model.log_likelihood(x, z)  # [S, N]
+    check_density_shape(log_likelihood, z, "log_likelihood")
+    return log_prior + log_likelihood
 
 
 def sample_chunks(num_samples: int, chunk_size: Optional[int], num_points: int, device=None) -> Iterator[int]:
@@ -162,7 +187,8 @@ def check_standard_normal_prior(model, z: Tensor) -> None:
     with torch.no_grad():
         got = model.log_prior(z)
         want = log_standard_normal(z)
-    if got.shape != want.shape or not torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-3):
+    check_density_shape(got, z, "log_prior")
+    if not torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-3):
         raise ValueError(
             "init=None starts from the prior, assumed N(0, I), but model.log_prior differs from "
             "log N(z; 0, I); pass the prior as init (a torch Distribution with batch [N] and event [D])"
@@ -202,6 +228,7 @@ def flag_nonfinite(name: str, values: Tensor) -> Tensor:
 __all__ = [
     "StandardNormalPrior",
     "check_batch",
+    "check_density_shape",
     "check_model",
     "flag_nonfinite",
     "index_posterior",
