@@ -2,8 +2,11 @@
 
 A recipe names the data, the model, how to train it and how to measure its
 gaps. Every key has a default, so the resolved recipe written next to a run
-shows every setting that produced it. Unknown keys and wrong types are errors
-naming the key (and the closest valid one); nothing is silently ignored.
+shows every setting that produced it; but a recipe file must name its dataset
+(``data: {dataset: ...}``), so that an empty or half-written file is an error
+rather than a run of every default. Unknown keys and wrong types are errors
+naming the key (and the closest valid one), and the file or ``--set`` that gave
+the value; nothing is silently ignored.
 
     recipe = load_recipe("recipes/quickstart.yaml", overrides=["train.num_epochs=5"])
 
