@@ -67,7 +67,9 @@ def test_digits():
     from sklearn.datasets import load_digits
 
     ref = torch.from_numpy(load_digits().images / 16).flatten(1)
-    key = torch.linspace(1, 2, 64, dtype=torch.float64)
+    # Integer weights below 2^20 on pixels k/16: every product and partial sum is a multiple of 1/16 below
+    # 2^30, exact in float64, so the row sums are bit-exact in any summation order (any BLAS, any CPU).
+    key = torch.randint(1, 2**20, (64,), generator=torch.Generator().manual_seed(0)).double()
     assert torch.equal((allx.flatten(1).double() @ key).sort().values, (ref @ key).sort().values)
     assert not torch.equal(load_dataset("digits", split_seed=1).test, ds.test)
     assert torch.equal(load_dataset("digits").test, ds.test)

@@ -83,7 +83,7 @@ def test_seed_is_reproducible_and_leaves_global_rng_alone(linear_gaussian, lg_da
     a = elbo(linear_gaussian, lg_data, q, num_samples=50, seed=3)
     after = torch.rand(1)
     b = elbo(linear_gaussian, lg_data, q, num_samples=50, seed=3)
-    assert torch.equal(a, b) and torch.equal(before, after)
+    assert torch.equal(a, b) and torch.equal(before, after)  # bit-exact: same seed, same ops, same process
 
 
 def test_dtype_follows_x(linear_gaussian, lg_data):
