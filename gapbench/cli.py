@@ -153,6 +153,8 @@ def datasets(data_dir: Optional[str], download_names: Sequence[str]) -> None:
     for r in rows:
         if r.available:
             click.echo(f"{r.name:<{width}}  available  {r.location}")
+        elif r.problem:
+            click.echo(f"{r.name:<{width}}  {r.problem}")
         else:
             click.echo(f"{r.name:<{width}}  missing    {r.how_to_get}")
 
@@ -191,10 +193,13 @@ def train(recipe: str, overrides, out: Optional[str], device: Optional[str], res
                    "instead of the run's own recipe.yaml.")
 @evaluate_set_option
 @device_option
-@click.option("--resume", is_flag=True, help="Keep finished batches of an interrupted evaluation.")
+@click.option("--resume", is_flag=True,
+              help="Reuse finished batches (and a finished evaluation) made from this checkpoint, these points, "
+                   "settings and code; recompute the rest.")
+@click.option("--restart", is_flag=True, help="Discard the finished batches of an interrupted evaluation and start over.")
 @quiet_option
 def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, overrides, device, resume: bool,
-                  quiet: bool) -> None:
+                  restart: bool, quiet: bool) -> None:
     """Estimate L[q], L[q*], IWAE and AIS per datapoint of a trained RUN_DIR; writes gaps/<split>.csv/json."""
     from gapbench.evaluate import _check_overrides, evaluate_run
     from gapbench.recipe import load_recipe
@@ -209,13 +214,19 @@ def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, ov
     settings = None
     if settings_recipe is not None:
         _check_overrides(extra)
-        settings, extra = load_recipe(settings_recipe, extra), []
+        # A settings file may hold only an evaluate section: it names no dataset of its own.
+        settings, extra = load_recipe(settings_recipe, extra, require_data=False), []
+    if resume and restart:
+        raise click.UsageError("--resume keeps finished batches and --restart discards them: give one")
     bars = _StageBars(enabled=not _quiet(quiet))
     try:
         summary = evaluate_run(Path(run_dir), overrides=extra, device=device, resume=resume, callback=bars,
-                               settings_from=settings)
+                               settings_from=settings, restart=restart)
     finally:
         bars.close()
+    if summary.reused:
+        click.echo(f"evaluate-gaps: {summary.path.with_suffix('.json')} is up to date (same checkpoint, points, "
+                   "settings and code); nothing recomputed", err=True)
     click.echo(summary.summary_line())
 
 

@@ -26,17 +26,20 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from gapbench import __version__
 from gapbench.errors import GapbenchError
 from gapbench.experiment import configure_threads, evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
 from gapbench.gaps import decompose, local_family_kwargs, local_init, run_ais, run_stage, stage_label, stage_names, summarize
-from gapbench.io import load_torch, read_json, remove_stale_temporaries, save_torch, write_json, write_text
+from gapbench.io import git_state, load_torch, read_json, remove_stale_temporaries, save_torch, write_json, write_text
+from gapbench.lock import command_line, folder_lock
 from gapbench.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 GAPS_DIR = "gaps"
-# AIS at fewer intermediate distributions, on a few points, for the convergence figure.
-AIS_SWEEP_FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)
+# AIS at fewer intermediate distributions, on a few points, for the convergence figure; 0.5 and
+# 1.0 give the change of the estimate over the last doubling of steps, the convergence check.
+AIS_SWEEP_FRACTIONS = (0.01, 0.03, 0.1, 0.3, 0.5, 1.0)
 AIS_SWEEP_POINTS = 20
 
 
@@ -45,8 +48,11 @@ class EvalSummary:
     path: Path
     split: str
     summary: Dict
+    reused: bool = False  # True: an up-to-date evaluation was found and nothing was computed
 
     def summary_line(self) -> str:
+        from gapbench.convergence import summary_text
+
         s = self.summary["stats"]
 
         def fmt(key):
@@ -54,10 +60,12 @@ class EvalSummary:
             return "n/a" if v is None else f"{v['mean']:.2f} ± {v['se']:.2f}"
 
         flagged = self.summary["num_order_violations"]
+        conv = summary_text(self.summary.get("convergence", {}))
         return (
             f"{self.summary['num_points']} {self.split} points: log p̂(x) {fmt('log_px')}, L[q] {fmt('elbo_q')}, "
             f"approximation gap {fmt('approximation_gap')}, amortization gap {fmt('amortization_gap')} nats"
-            f"{f'; {flagged} points with bounds in the wrong order (flagged)' if flagged else ''} -> {self.path}"
+            f"{f'; {flagged} points with bounds in the wrong order (flagged)' if flagged else ''}"
+            f"{f'; {conv}' if conv else ''} -> {self.path}"
         )
 
 
@@ -82,10 +90,6 @@ def select_points(num_available: int, num_points: int, seed: int, split: str) ->
     return perm[:num_points].sort().values
 
 
-def _fingerprint(settings: Dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _stage_seed(seed: int, stage: str, batch: int) -> int:
     digest = hashlib.sha256(f"{seed}/{stage}/{batch}".encode()).digest()
     return int.from_bytes(digest[:6], "little")
@@ -96,15 +100,25 @@ def evaluate_run(
     overrides: Sequence[str] = (),
     device: Optional[str] = None,
     resume: bool = False,
-    callback: Optional[Callable[[str, int, int], None]] = None,
+    callback: Optional[Callable[[str, float, int], None]] = None,
     settings_from: Optional[Recipe] = None,
+    restart: bool = False,
+    refresh_report: bool = True,
 ) -> EvalSummary:
     """Decompose the gaps of a trained run; ``callback(stage_label, batches_done, num_batches)`` reports progress.
 
     The evaluation settings are the run's recipe.yaml with ``overrides``, or, when
     ``settings_from`` is given (``gapbench run``), that recipe's evaluate section,
     device and thread count.
+
+    ``resume``: keep finished batches (and a finished evaluation) whose provenance
+    matches (see :mod:`gapbench.provenance`); anything that does not match is
+    recomputed, with one warning saying what changed. Without ``resume``, finished
+    batches of an interrupted evaluation are an error unless ``restart`` discards them.
+    ``refresh_report``: rebuild the run's report/ (when there is one) from the new gaps.
     """
+    from gapbench import provenance as prov
+
     _check_overrides(overrides)
     run = open_run(run_dir, overrides)
     if settings_from is not None:
@@ -121,85 +135,193 @@ def evaluate_run(
     configure_threads(recipe)
     x_all = evaluation_split(inputs, recipe, cfg.split)
     idx = select_points(x_all.shape[0], cfg.num_points, recipe.seed, cfg.split)
+    from gapbench.preflight import check_memory
+
+    check_memory(recipe, inputs, dev)
     model = load_trained_model(run, inputs, dev)
     encoder_family = recipe.model.encoder
     stages = stage_names(cfg, encoder_family)
     families = [s.split("_", 1)[1] for s in stages if s.startswith("local_")]
+    all_stages = stages + (["ais_sweep"] if cfg.ais.enabled else [])
+    stage_settings = {stage: _stage_settings(stage, cfg) for stage in all_stages}
+    keys = {stage: prov.fingerprint({"stage": stage, **stage_settings[stage]})[:8] for stage in all_stages}
 
-    # What every batch file depends on: the points and how they are batched. Each stage's
-    # files also carry a key of that stage's own settings, so changing one stage's settings
-    # (or the list of families) keeps every other stage's finished batches.
-    settings = {"seed": recipe.seed, "points": idx.tolist(), "batch_size": cfg.batch_size}
+    # What every result depends on besides its stage's settings: the checkpoint, the data
+    # selection, the seed and batching, the code and the device (see gapbench.provenance).
+    context = prov.evaluation_context(run, recipe, idx, x_all[idx], dev)
+    fingerprint = prov.fingerprint(context)
     gaps_dir = run.path / GAPS_DIR
     partial = gaps_dir / ".partial" / cfg.split
     stamp = partial / "settings.json"
-    fingerprint = _fingerprint(settings)
-    if partial.exists() and not (resume and stamp.exists() and read_json(stamp).get("fingerprint") == fingerprint):
-        if resume and stamp.exists():
-            log.warning("the saved partial evaluation used other points or batches; starting over")
-        shutil.rmtree(partial)
-    # A kill during an atomic write leaves its temporary behind; nothing reads it, so clear it.
-    remove_stale_temporaries(partial)
-    if not stamp.exists():
-        write_json(stamp, {"fingerprint": fingerprint, "settings": settings})
-    keys = {stage: _stage_key(stage, cfg) for stage in stages + ["ais_sweep"]}
+    final = gaps_dir / f"{cfg.split}.json"
 
-    def part(stage: str, b: int) -> Path:
-        return partial / f"{stage}-{keys[stage]}-{b:04d}.pt"
+    with folder_lock(run.path, command_line()):
+        if resume and not restart:
+            done = _finished_evaluation(final, fingerprint, keys)
+            if done is not None:
+                return EvalSummary(path=gaps_dir / f"{cfg.split}.csv", split=cfg.split, summary=done, reused=True)
+        saved = _read_stamp(stamp)
+        # A kill during an atomic write leaves its temporary behind; nothing reads it, so clear it.
+        remove_stale_temporaries(partial)
+        finished = sorted(partial.glob("*.pt")) if partial.is_dir() else []
+        if partial.exists() and (saved is None or saved.get("fingerprint") != fingerprint):
+            if finished:
+                why = prov.describe(saved.get("context", {}), context) if saved else "an unreadable settings.json"
+                log.warning("evaluate-gaps: discarding %d finished batches in %s, made with other inputs (%s); "
+                            "recomputing", len(finished), partial, why)
+            shutil.rmtree(partial)
+            saved, finished = None, []
+        elif finished and not resume:
+            # Without --resume everything is recomputed; but batches that an interrupted evaluation
+            # left (ones no gaps file was made from) cost time to redo, so they are never dropped silently.
+            reusable = [f for f in finished if f.name.split("-")[1] in keys.values()]
+            if reusable and not restart and not _made_final(final, saved):
+                raise GapbenchError(
+                    f"{partial} holds {len(reusable)} finished batches of an interrupted evaluation of these inputs: "
+                    "pass --resume to keep them, or --restart to discard them and start over"
+                )
+            shutil.rmtree(partial)
+            saved, finished = None, []
+        stages_saved = dict((saved or {}).get("stages", {}))
 
-    batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-    for stage in stages + (["ais_sweep"] if cfg.ais.enabled else []):
-        todo = [b for b in range(len(batches)) if not part(stage, b).exists()]
-        num_batches = 1 if stage == "ais_sweep" else len(batches)
-        if stage == "ais_sweep":
-            todo = [0] if not part(stage, 0).exists() else []
-        label = stage_label(stage) if stage != "ais_sweep" else "AIS convergence sweep"
-        if callback:
-            callback(label, num_batches - len(todo), num_batches)
-        for b in todo:
-            started = time.time()
-            seed = _stage_seed(recipe.seed, stage, b)
-            ffg_part = part("local_ffg", b) if "local_ffg" in keys else None
-            if stage == "ais_sweep":
-                xb = x_all[batches[0][:AIS_SWEEP_POINTS]].to(dev)
-                init = _ais_start(cfg, model, xb, ffg_part)
-                result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init)}
-            else:
-                xb = x_all[batches[b]].to(dev)
-                fam_kwargs, init = None, None
-                if stage.startswith("local_"):
-                    family = stage.split("_", 1)[1]
-                    fam_kwargs = local_family_kwargs(family, cfg, recipe.model)
-                    init = _local_start(local_init(family, cfg), model, xb, ffg_part)
-                elif stage == "ais":
-                    init = _ais_start(cfg, model, xb, ffg_part)
-                cols, traces = run_stage(stage, model, xb, cfg, seed, fam_kwargs, init)
-                result = {
-                    "columns": {k: v.detach().double().cpu() for k, v in cols.items()},
-                    "traces": {k: v.detach().cpu() for k, v in traces.items()},
-                }
-            result["seconds"] = time.time() - started  # this batch alone; the summary adds them up
-            save_torch(part(stage, b), result)
+        def part(stage: str, b: int) -> Path:
+            return partial / f"{stage}-{keys[stage]}-{b:04d}.pt"
+
+        def write_stamp() -> None:
+            write_json(stamp, {"fingerprint": fingerprint, "context": context, "points": idx.tolist(),
+                               "stages": stages_saved})
+
+        batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+        for stage in all_stages:
+            label = stage_label(stage) if stage != "ais_sweep" else "AIS convergence sweep"
+            # This stage's batches made with other settings: say what changed, then drop them.
+            stale = [f for f in partial.glob(f"{stage}-*.pt") if f.name.split("-")[1] != keys[stage]] \
+                if partial.is_dir() else []
+            if stale:
+                before = stages_saved.get(stage, {}).get("settings", {})
+                log.warning("evaluate-gaps: %s settings changed (%s); recomputing %s",
+                            label, prov.describe(before, stage_settings[stage]), label)
+                for f in stale:
+                    f.unlink()
+            stages_saved[stage] = {"key": keys[stage], "settings": stage_settings[stage]}
+            write_stamp()
+            num_batches = 1 if stage == "ais_sweep" else len(batches)
+            todo = [b for b in range(num_batches) if not part(stage, b).exists()]
             if callback:
-                callback(label, num_batches - len(todo) + todo.index(b) + 1, num_batches)
+                callback(label, num_batches - len(todo), num_batches)
+            for i, b in enumerate(todo):
+                started = time.time()
+                finished = num_batches - len(todo) + i
 
-    return _finish(run.path, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev)
+                def progress(done, total, label=label, finished=finished, num_batches=num_batches):
+                    if callback and total:
+                        callback(label, finished + min(done / total, 1.0), num_batches)
+
+                seed = _stage_seed(recipe.seed, stage, b)
+                ffg_part = part("local_ffg", b) if "local_ffg" in keys else None
+                if stage == "ais_sweep":
+                    xb = x_all[batches[0][:AIS_SWEEP_POINTS]].to(dev)
+                    init = _ais_start(cfg, model, xb, ffg_part)
+                    result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress)}
+                else:
+                    xb = x_all[batches[b]].to(dev)
+                    fam_kwargs, init = None, None
+                    if stage.startswith("local_"):
+                        family = stage.split("_", 1)[1]
+                        fam_kwargs = local_family_kwargs(family, cfg, recipe.model)
+                        init = _local_start(local_init(family, cfg), model, xb, ffg_part)
+                    elif stage == "ais":
+                        init = _ais_start(cfg, model, xb, ffg_part)
+                    cols, traces = run_stage(stage, model, xb, cfg, seed, fam_kwargs, init, progress_fn=progress)
+                    result = {
+                        "columns": {k: v.detach().double().cpu() for k, v in cols.items()},
+                        "traces": {k: v.detach().cpu() for k, v in traces.items()},
+                    }
+                result["seconds"] = time.time() - started  # this batch alone; the summary adds them up
+                result["provenance"] = {"fingerprint": fingerprint, "stage_key": keys[stage], "date": prov.now()}
+                save_torch(part(stage, b), result)
+                if callback:
+                    callback(label, finished + 1, num_batches)
+
+        # The stamp now describes exactly the stages the gaps file is made from (see _made_final).
+        stages_saved = {s: stages_saved[s] for s in all_stages}
+        write_stamp()
+        summary = _finish(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev,
+                          provenance={**prov.with_recorded(context, run, dev), "fingerprint": fingerprint,
+                                      "stages": stages_saved})
+        if refresh_report:
+            _refresh_report(run.path, cfg.split)
+    return summary
 
 
-def _stage_key(stage: str, cfg) -> str:
-    """A short hash of the settings a stage's results depend on."""
+def _read_stamp(stamp: Path) -> Optional[Dict]:
+    """The partial evaluation's settings.json, or None when it is missing or unreadable."""
+    try:
+        return read_json(stamp)
+    except (OSError, ValueError):
+        return None
+
+
+def _finished_evaluation(final: Path, fingerprint: str, keys: Dict[str, str]) -> Optional[Dict]:
+    """The summary in gaps/<split>.json when it (and its CSV) were made from exactly these inputs and settings."""
+    csv = final.with_suffix(".csv")
+    if not final.is_file() or not csv.is_file():
+        return None
+    try:
+        summary = read_json(final)
+    except (OSError, ValueError):
+        return None
+    p = summary.get("provenance") or {}
+    made = {s: v.get("key") for s, v in (p.get("stages") or {}).items()}
+    if p.get("fingerprint") != fingerprint or made != keys:
+        return None
+    return summary
+
+
+def _made_final(final: Path, saved: Optional[Dict]) -> bool:
+    """Whether gaps/<split>.json was made from exactly the partial batches that ``saved`` (its stamp) describes."""
+    if saved is None or not final.is_file():
+        return False
+    try:
+        p = read_json(final).get("provenance") or {}
+    except (OSError, ValueError):
+        return False
+    return p.get("fingerprint") == saved.get("fingerprint") and p.get("stages") == saved.get("stages")
+
+
+def _refresh_report(run_path: Path, split: str) -> None:
+    """Rebuild the run's own report/ when it exists, so it never shows an older evaluation."""
+    from gapbench.report import rebuild_report
+
+    out = run_path / "report"
+    if out.is_dir() and any(out.iterdir()):
+        rebuild_report(out, default_runs=[run_path], default_split=split)
+
+
+def _stage_settings(stage: str, cfg) -> Dict:
+    """The settings a stage's results depend on (its key is a hash of them)."""
     if stage == "amortized":
-        relevant = {"elbo_samples": cfg.elbo_samples}
-    elif stage == "iwae":
-        relevant = {"iwae_samples": cfg.iwae_samples}
-    elif stage in ("ais", "ais_sweep"):
+        return {"elbo_samples": cfg.elbo_samples}
+    if stage == "iwae":
+        return {"iwae_samples": cfg.iwae_samples}
+    if stage in ("ais", "ais_sweep"):
         relevant = dataclasses.asdict(cfg.ais)
-        del relevant["compile"]  # speed only: compiled and eager AIS give the same estimates
+        # Speed and reporting only: compiled and eager AIS give the same estimates, and the
+        # tolerance only decides whether to warn.
+        relevant.pop("compile", None)
+        relevant.pop("convergence_tolerance", None)
         if cfg.ais.init == "ffg":  # AIS then starts at q*_FFG, which depends on the local settings
             relevant["local"] = dataclasses.asdict(cfg.local)
-    else:  # local fits; a flow started at q*_FFG depends on the FFG fit's settings too
-        relevant = dataclasses.asdict(cfg.local)
-    return _fingerprint({"stage": stage, **relevant})[:8]
+        if stage == "ais_sweep":
+            relevant["grid"] = _sweep_grid(cfg.ais.num_steps)
+            relevant["num_points"] = AIS_SWEEP_POINTS
+        return relevant
+    # local fits; a flow started at q*_FFG depends on the FFG fit's settings too
+    return dataclasses.asdict(cfg.local)
+
+
+def _sweep_grid(num_steps: int) -> List[int]:
+    return sorted({max(2, int(round(num_steps * f))) for f in AIS_SWEEP_FRACTIONS})
 
 
 def _local_start(where: str, model, x, ffg_part: Optional[Path]):
@@ -235,21 +357,46 @@ def _load_part(path: Path) -> Dict:
                       remedy="delete it and run evaluate-gaps again with --resume, which recomputes that batch only")
 
 
-def _ais_sweep(model, x, cfg, seed, init=None) -> Dict[str, torch.Tensor]:
-    """AIS log p̂(x) at a grid of num_steps on a few points: [len(grid)] steps and [len(grid), n] estimates."""
-    grid = sorted({max(2, int(round(cfg.ais.num_steps * f))) for f in AIS_SWEEP_FRACTIONS})
-    values = [run_ais(model, x, cfg, seed, num_steps=steps, init=init).log_px.detach().double().cpu() for steps in grid]
+def _ais_sweep(model, x, cfg, seed, init=None, progress_fn=None) -> Dict[str, torch.Tensor]:
+    """AIS log p̂(x) at a grid of num_steps on a few points: [len(grid)] steps and [len(grid), n] estimates.
+
+    ``progress_fn(done, total)`` counts transitions over the whole grid.
+    """
+    grid = _sweep_grid(cfg.ais.num_steps)
+    total, values = sum(grid), []
+    for i, steps in enumerate(grid):
+        before = sum(grid[:i])
+
+        def forward(done, of, before=before, steps=steps):
+            if progress_fn is not None and of:
+                progress_fn(before + steps * done / of, total)
+
+        res = run_ais(model, x, cfg, seed, num_steps=steps, init=init, progress_fn=forward)
+        values.append(res.log_px.detach().double().cpu())
     return {"steps": torch.tensor(grid), "log_px": torch.stack(values)}
 
 
-def _finish(run_path, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev) -> EvalSummary:
+def _finish(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev, provenance) -> EvalSummary:
+    from gapbench.convergence import ais_convergence, local_convergence, warnings_for
+
     columns: Dict[str, List[np.ndarray]] = {}
     traces: Dict[str, Dict] = {}
     stage_seconds: Dict[str, float] = {}
+
+    def load(path: Path) -> Dict:
+        saved = _load_part(path)
+        made = (saved.get("provenance") or {}).get("fingerprint")
+        if made != provenance["fingerprint"]:  # never mix results of two checkpoints, datasets or code versions
+            raise GapbenchError(
+                f"{path} was made with other inputs than the rest of this evaluation; "
+                "delete it and run evaluate-gaps again with --resume, which recomputes that batch only"
+            )
+        return saved
+
     for stage in stages:
         local_curves = []
         for b in range(len(batches)):
-            saved = _load_part(part(stage, b))
+            saved = load(part(stage, b))
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + float(saved.get("seconds", 0.0))
             for k, v in saved["columns"].items():
                 columns.setdefault(k, []).append(v.numpy())
@@ -257,23 +404,36 @@ def _finish(run_path, cfg, recipe, idx, batches, stages, families, encoder_famil
                 local_curves.append((saved["traces"]["steps"], saved["traces"]["elbo"]))
         if local_curves:
             traces[stage] = _local_trace(local_curves)
+    convergence: Dict = {}
     if cfg.ais.enabled:
-        sweep = _load_part(part("ais_sweep", 0))["traces"]
+        sweep = load(part("ais_sweep", 0))["traces"]
         traces["ais_sweep"] = {"num_steps": sweep["steps"].tolist(), "log_px": sweep["log_px"].T.tolist()}
+        convergence["ais"] = ais_convergence(sweep["steps"].tolist(), sweep["log_px"].numpy(),
+                                             cfg.ais.convergence_tolerance)
     cols = {k: np.concatenate(v) for k, v in columns.items()}
     df = decompose(cols, encoder_family, families)
     df.insert(0, "index", idx.numpy())
     df.insert(1, "split", cfg.split)
     summary = summarize(df, encoder_family, families)
-    out = run_path / GAPS_DIR
+    convergence["local"] = local_convergence(df, families, cfg.local.max_steps)
+    if convergence.get("ais") is None:
+        convergence.pop("ais", None)
+    warnings = warnings_for(convergence)
+    for line in warnings:
+        log.warning("evaluate-gaps: %s", line)
+    out = run.path / GAPS_DIR
     summary.update(
         {
             "run": recipe.name,
             "dataset": recipe.data.dataset,
             "split": cfg.split,
+            "seed": recipe.seed,
             "device": str(dev),
             "stage_seconds": stage_seconds,
+            "convergence": convergence,
+            "warnings": warnings,
             "settings": dataclasses.asdict(cfg),
+            "provenance": provenance,
             "traces": traces,
         }
     )

@@ -7,6 +7,7 @@ A *run folder* is what ``gapbench train`` writes: ``recipe.yaml`` (resolved),
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -136,6 +137,7 @@ class Run:
     path: Path
     recipe: Recipe
     checkpoint: dict
+    checkpoint_sha256: str = ""  # of checkpoint.pt's bytes: what every evaluation of it records
 
 
 def open_run(path, overrides=()) -> Run:
@@ -150,10 +152,14 @@ def open_run(path, overrides=()) -> Run:
             f"{path} is not a gapbench run (no {RECIPE_FILE} and {CHECKPOINT_FILE}); train one with 'gapbench train RECIPE --out {path}'"
         )
     recipe = load_recipe(path / RECIPE_FILE, overrides)
-    checkpoint = load_torch(path / CHECKPOINT_FILE)
+    try:
+        data = (path / CHECKPOINT_FILE).read_bytes()
+    except OSError as exc:
+        raise GapbenchError(f"cannot read {path / CHECKPOINT_FILE}: {exc.strerror}") from None
+    checkpoint = load_torch(path / CHECKPOINT_FILE, data=data)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise GapbenchError(f"{path / CHECKPOINT_FILE} is not a gapbench checkpoint (no model weights); retrain the run")
-    return Run(path=path, recipe=recipe, checkpoint=checkpoint)
+    return Run(path=path, recipe=recipe, checkpoint=checkpoint, checkpoint_sha256=hashlib.sha256(data).hexdigest())
 
 
 def load_trained_model(run: Run, inputs: Inputs, device: torch.device):

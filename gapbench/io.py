@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Optional
 
 from gapbench.errors import GapbenchError
 
@@ -27,6 +27,9 @@ def atomic_path(path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file 0600 whatever the umask; give it the mode open() would (0644 under umask 022),
+    # or every result would be unreadable to colleagues on a shared machine.
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -37,6 +40,13 @@ def atomic_path(path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def current_umask() -> int:
+    """The process's umask (os.umask can only be read by setting it, so set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(folder, names: Optional[Iterable[str]] = None) -> List[Path]:
@@ -87,19 +97,24 @@ def save_torch(path, obj: Any) -> None:
     write_bytes(path, buf.getvalue())
 
 
-CHECKPOINT_REMEDY = "retrain into a new --out, or copy back an earlier checkpoint.pt and train with --resume"
+# Only the latest checkpoint is kept, so the one remedy is to train again.
+CHECKPOINT_REMEDY = "train the recipe again into a new --out (only the latest checkpoint is kept)"
 
 
-def load_torch(path, map_location="cpu", what: str = "gapbench checkpoint", remedy: str = CHECKPOINT_REMEDY) -> Any:
+def load_torch(
+    path, map_location="cpu", what: str = "gapbench checkpoint", remedy: str = CHECKPOINT_REMEDY,
+    data: Optional[bytes] = None,
+) -> Any:
     """torch.load with ``weights_only=True``: a checkpoint can hold no code to run.
 
     A missing or unreadable file raises GapbenchError naming it, ``what`` it should be
-    and the ``remedy``.
+    and the ``remedy``. ``data``: the file's bytes, already read (e.g. to hash them).
     """
     import torch
 
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        source = path if data is None else io.BytesIO(data)
+        return torch.load(source, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise GapbenchError(f"{path} does not exist") from None
     except Exception as exc:  # unpickling errors, truncation, zip errors
@@ -121,11 +136,15 @@ def check_writable(path) -> None:
 
 
 @contextlib.contextmanager
-def output_dir(path) -> Iterator[Path]:
+def output_dir(path, keep_if: Optional[Callable[[Path], bool]] = None) -> Iterator[Path]:
     """Create ``path`` for a command; if the command fails, remove what it created.
 
-    A folder that existed before (a resumed run) is left as it is.
+    A folder that existed before (a resumed run) is left as it is, and so is one
+    that another process holds (the failure is then that process's lock) or, when
+    ``keep_if(path)`` says so, one that already holds work worth keeping (a checkpoint).
     """
+    from gapbench.lock import FolderInUse
+
     path = Path(path)
     check_writable(path)
     existed = path.exists()
@@ -135,19 +154,45 @@ def output_dir(path) -> Iterator[Path]:
         raise GapbenchError(f"cannot create {path}: {exc.strerror}; choose another --out") from None
     try:
         yield path
-    except BaseException:
-        if not existed:
+    except BaseException as exc:
+        if not existed and not isinstance(exc, FolderInUse) and not (keep_if is not None and keep_if(path)):
             shutil.rmtree(path, ignore_errors=True)
         raise
 
 
 def git_commit(root: Optional[Path] = None) -> Optional[str]:
     """The commit of the gapbench source tree, when it is a git checkout."""
-    root = root or Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return git_state(root)["commit"]
+
+
+_GIT_STATE: dict = {}
+
+
+def git_state(root: Optional[Path] = None) -> dict:
+    """{"commit": HEAD or None, "dirty": whether gapbench's tracked sources differ from it (None: unknown)}.
+
+    Only the package's own folder counts as dirty, so results, run folders and notes
+    beside it in the same checkout do not mark every number as made by modified code.
+    Asked once per process: the code that runs cannot change while it runs.
+    """
+    root = Path(root or Path(__file__).resolve().parent.parent)
+    if root in _GIT_STATE:
+        return dict(_GIT_STATE[root])
+
+    def git(*args) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+            return out.stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = None
+    dirty = None
+    if (root / ".git").exists():
+        head = git("rev-parse", "HEAD")
+        commit = (head or "").strip() or None
+        if commit is not None:
+            status = git("status", "--porcelain", "--untracked-files=no", "--", "gapbench")
+            dirty = None if status is None else bool(status.strip())
+    _GIT_STATE[root] = {"commit": commit, "dirty": dirty}
+    return dict(_GIT_STATE[root])

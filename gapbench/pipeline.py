@@ -1,36 +1,37 @@
-"""gapbench run: train -> evaluate-gaps -> report, skipping stages whose complete outputs exist.
+"""gapbench run: train -> evaluate-gaps -> report, reusing each stage's outputs only while they are current.
 
-A stage that was interrupted is resumed, not restarted: training continues
-from its last checkpoint, the evaluation from its last finished batch.
+* Training: a finished run is reused when the recipe trains the same model for
+  the same number of epochs. More epochs continue from the checkpoint (as
+  ``train --resume`` does); an interrupted run resumes; anything else that
+  changed (data, model, seed, other training settings) stops with the changed
+  keys named, as do fewer epochs than were trained.
+* Evaluation: reused only when it was made from this checkpoint, these
+  datapoints, these settings and this code (:mod:`gapbench.provenance`);
+  otherwise the stages whose inputs changed are recomputed.
+* Report: rebuilt whenever its inputs (the gaps files, the code) changed.
+
+The run folder is locked for the whole pipeline (:mod:`gapbench.lock`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from gapbench.errors import GapbenchError
 from gapbench.experiment import CHECKPOINT_FILE, META_FILE
-from gapbench.io import read_json
+from gapbench.io import load_torch, output_dir
 from gapbench.recipe import load_recipe
 
 log = logging.getLogger(__name__)
+
+HOW = "gapbench run"
 
 
 def training_complete(run_dir: Path) -> bool:
     """The run finished training: its meta.json is written only after the last epoch."""
     return (run_dir / META_FILE).is_file() and (run_dir / CHECKPOINT_FILE).is_file()
-
-
-def evaluation_complete(run_dir: Path, recipe) -> bool:
-    """gaps/<split>.json exists and was made with the recipe's evaluation settings."""
-    path = run_dir / "gaps" / f"{recipe.evaluate.split}.json"
-    if not path.is_file():
-        return False
-    from gapbench.evaluate import _jsonable
-
-    return read_json(path).get("settings") == _jsonable(dataclasses.asdict(recipe.evaluate))
 
 
 def run_pipeline(
@@ -44,32 +45,51 @@ def run_pipeline(
 ):
     """Run every stage of the recipe; returns (run_dir, the report's Markdown table)."""
     from gapbench.evaluate import evaluate_run
-    from gapbench.report import make_report
-    from gapbench.train import train_run
+    from gapbench.lock import command_line, folder_lock
+    from gapbench.report import make_report, report_is_current
+    from gapbench.train import _check_resume, train_run
 
     recipe = load_recipe(recipe_path, overrides)
     run_dir = Path(out) if out else Path("runs") / recipe.name
     say = stage_callback or (lambda msg: None)
 
-    if training_complete(run_dir):
-        from gapbench.train import _check_resume
+    with output_dir(run_dir, keep_if=lambda p: (p / CHECKPOINT_FILE).is_file()), \
+            folder_lock(run_dir, command_line()):
+        ckpt = run_dir / CHECKPOINT_FILE
+        if not ckpt.is_file():
+            say(f"train: training {recipe.name} -> {run_dir}")
+            say(train_run(recipe, run_dir, device=device, callback=train_callback).summary_line())
+        else:
+            _check_resume(recipe, run_dir, HOW)
+            state = load_torch(ckpt)
+            epochs, asked = int(state.get("epoch", 0)), recipe.train.num_epochs
+            if epochs > asked:
+                raise GapbenchError(
+                    f"{HOW}: {run_dir} has already trained {epochs} epochs, more than train.num_epochs={asked} "
+                    f"asks for; ask for at least {epochs} (--set train.num_epochs={epochs}), or choose another --out"
+                )
+            stopped = bool(state.get("stopped_early"))
+            if training_complete(run_dir) and (epochs == asked or stopped):
+                why = f"stopped early at epoch {epochs}" if stopped and epochs < asked else f"{epochs} epochs"
+                say(f"train: {run_dir} is already trained, skipping ({why})")
+            else:
+                what = (f"continuing {run_dir} from epoch {epochs} to {asked}" if training_complete(run_dir)
+                        else f"resuming {run_dir} from epoch {epochs}")
+                say(f"train: {what}")
+                result = train_run(recipe, run_dir, device=device, resume=True, callback=train_callback, how=HOW)
+                say(result.summary_line())
 
-        _check_resume(recipe, run_dir)
-        say(f"train: {run_dir} is already trained, skipping")
-    else:
-        resume = (run_dir / CHECKPOINT_FILE).is_file()
-        say(f"train: {'resuming' if resume else 'training'} {recipe.name} -> {run_dir}")
-        result = train_run(recipe, run_dir, device=device, resume=resume, callback=train_callback)
-        say(result.summary_line())
-
-    if evaluation_complete(run_dir, recipe):
-        say(f"evaluate-gaps: {run_dir}/gaps/{recipe.evaluate.split}.json is up to date, skipping")
-    else:
-        say(f"evaluate-gaps: {recipe.evaluate.num_points} {recipe.evaluate.split} points")
-        summary = evaluate_run(run_dir, device=device, resume=True, callback=eval_callback, settings_from=recipe)
+        summary = evaluate_run(run_dir, device=device, resume=True, callback=eval_callback, settings_from=recipe,
+                               refresh_report=False)
+        gaps = f"{run_dir}/gaps/{recipe.evaluate.split}.json"
+        if summary.reused:
+            say(f"evaluate-gaps: {gaps} is up to date (same checkpoint, points, settings and code), skipping")
         say(summary.summary_line())
 
-    out_dir = run_dir / "report"
-    written = make_report([run_dir], out_dir, split=recipe.evaluate.split)
-    say(f"report: {len(written)} files in {out_dir}")
+        out_dir = run_dir / "report"
+        if report_is_current([run_dir], out_dir, split=recipe.evaluate.split):
+            say(f"report: {out_dir} is up to date, skipping")
+        else:
+            written = make_report([run_dir], out_dir, split=recipe.evaluate.split)
+            say(f"report: {len(written)} files in {out_dir}")
     return run_dir, (out_dir / "table.md").read_text()

@@ -136,6 +136,9 @@ class AISConfig:
     # Run each transition through torch.compile (on a GPU also as a CUDA graph), falling back
     # to eager PyTorch where that fails. Speed only: results agree up to rounding.
     compile: bool = False
+    # Warn when the mean AIS estimate moves more than this (nats) over the last doubling of
+    # num_steps in the convergence sweep (T/2 -> T on 20 points): AIS has not converged.
+    convergence_tolerance: float = field(default=0.1, metadata=_range(lo=0, lo_open=True))
 
 
 @dataclass(frozen=True)

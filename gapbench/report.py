@@ -51,22 +51,112 @@ def load_run_gaps(path: Path, split: str) -> RunGaps:
         raise GapbenchError(
             f"{path} has no gap evaluation of the {split} split; run 'gapbench evaluate-gaps {path} --split {split}' first"
         )
-    summary = read_json(summary_path)
+    try:
+        summary = read_json(summary_path)
+        points = pd.read_csv(csv_path)
+    except (OSError, ValueError) as exc:
+        raise GapbenchError(
+            f"{summary_path} or its CSV is not readable ({type(exc).__name__}); "
+            f"recompute it with 'gapbench evaluate-gaps {path} --split {split} --restart'"
+        ) from None
+    if not isinstance(summary, dict) or "stats" not in summary or "encoder_family" not in summary:
+        raise GapbenchError(
+            f"{summary_path} is not a gapbench gaps summary; recompute it with 'gapbench evaluate-gaps {path} --restart'"
+        )
     label = f"{summary.get('dataset', '?')} / {FAMILY_LABEL.get(summary['encoder_family'], summary['encoder_family'])}"
-    return RunGaps(path=path, label=label, summary=summary, points=pd.read_csv(csv_path))
+    return RunGaps(path=path, label=label, summary=summary, points=points)
+
+
+def _seed_of(r: RunGaps):
+    if "seed" in r.summary:
+        return r.summary["seed"]
+    try:  # evaluations made before the summary recorded the seed
+        import yaml
+
+        return (yaml.safe_load((r.path / "recipe.yaml").read_text()) or {}).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _unique_labels(runs: List[RunGaps]) -> None:
-    seen: Dict[str, int] = {}
+    """Make every column label unique: add the run's name, then its seed, its folder, its path, a number."""
+
+    def collide() -> List[RunGaps]:
+        seen: Dict[str, int] = {}
+        for r in runs:
+            seen[r.label] = seen.get(r.label, 0) + 1
+        return [r for r in runs if seen[r.label] > 1]
+
+    for extra in (
+        lambda r: r.summary.get("run") or r.path.name,
+        lambda r: None if _seed_of(r) is None else f"seed {_seed_of(r)}",
+        lambda r: r.path.name,
+        lambda r: str(r.path),
+    ):
+        clashing = collide()
+        if not clashing:
+            return
+        for r in clashing:
+            word = extra(r)
+            if word is not None and f"({word})" not in r.label:
+                r.label = f"{r.label} ({word})"
+    for i, r in enumerate(collide(), start=1):  # the same folder given twice
+        r.label = f"{r.label} #{i}"
+
+
+def _families_shown(runs: Sequence[RunGaps]) -> List[str]:
+    fams: List[str] = []
     for r in runs:
-        seen[r.label] = seen.get(r.label, 0) + 1
-    for r in runs:
-        if seen[r.label] > 1:
-            r.label = f"{r.label} ({r.summary.get('run', r.path.name)})"
+        for fam in (r.summary.get("convergence") or {}).get("local", {}):
+            if fam not in fams:
+                fams.append(fam)
+    return fams
+
+
+def extra_rows(runs: Sequence[RunGaps]) -> List[Tuple[str, str, str, List[Dict]]]:
+    """Rows below the estimates: datapoints, bounds out of order, convergence of each local family and of AIS.
+
+    Each is (key, Markdown label, LaTeX label, one {"mean", "se", "n", "text"} per run; None where absent).
+    """
+    rows = [
+        ("num_finite", "datapoints (finite / all)", "datapoints (finite / all)",
+         [{"mean": r.summary["num_finite"], "se": None, "n": r.summary["num_points"],
+           "text": f"{r.summary['num_finite']} / {r.summary['num_points']}"} for r in runs]),
+        ("num_order_violations", "bounds out of order", "bounds out of order",
+         [{"mean": r.summary["num_order_violations"], "se": None, "n": r.summary["num_points"],
+           "text": str(r.summary["num_order_violations"])} for r in runs]),
+    ]
+    for fam in _families_shown(runs):
+        name = FAMILY_LABEL.get(fam, fam)
+        cells = []
+        for r in runs:
+            c = (r.summary.get("convergence") or {}).get("local", {}).get(fam)
+            cells.append(None if c is None else {
+                "mean": c["converged"], "se": None, "n": c["num_points"],
+                "text": f"{c['converged']} / {c['num_points']}" + (f" ({c['at_step_cap']} at step cap)" if c["at_step_cap"] else ""),
+            })
+        rows.append((f"converged_{fam}", f"q*_{name} converged (stopping rule)",
+                     rf"$q^*_{{\mathrm{{{name}}}}}$ converged", cells))
+    if any((r.summary.get("convergence") or {}).get("ais") for r in runs):
+        cells = []
+        for r in runs:
+            a = (r.summary.get("convergence") or {}).get("ais")
+            cells.append(None if a is None else {
+                "mean": a["change"], "se": a["se"], "n": a["num_points"],
+                "text": f"{a['change']:+.2f} ± {_fmt_se(a['se'])} ({a['from_steps']} → {a['to_steps']})"
+                        + ("" if a["converged"] else " ⚠"),
+            })
+        rows.append(("ais_last_doubling_change", "AIS change, last doubling of steps",
+                     "AIS change, last doubling of steps", cells))
+    return rows
+
+
+def _fmt_se(se) -> str:
+    return "n/a" if se is None or (isinstance(se, float) and math.isnan(se)) else f"{se:.2f}"
 
 
 def table_frame(runs: Sequence[RunGaps]) -> pd.DataFrame:
-    """Long table: one row per (quantity, run) with mean, standard error and n."""
+    """Long table: one row per (quantity, run) with mean, standard error and n (counts: mean = count, n = points)."""
     rows = []
     for key, label, _ in ROWS:
         for r in runs:
@@ -81,6 +171,12 @@ def table_frame(runs: Sequence[RunGaps]) -> pd.DataFrame:
                     "n": None if stat is None else stat["n"],
                 }
             )
+    for key, label, _, cells in extra_rows(runs):
+        for r, cell in zip(runs, cells):
+            rows.append({"quantity": key, "label": label, "run": r.label,
+                         "mean": None if cell is None else cell["mean"],
+                         "se": None if cell is None else cell["se"],
+                         "n": None if cell is None else cell["n"]})
     return pd.DataFrame(rows)
 
 
@@ -102,10 +198,8 @@ def table_markdown(runs: Sequence[RunGaps], frame: pd.DataFrame) -> str:
         bold = key.endswith("_gap")
         name = f"**{label}**" if bold else label
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| datapoints (finite / all) | " + " | ".join(
-        f"{r.summary['num_finite']} / {r.summary['num_points']}" for r in runs) + " |")
-    lines.append("| bounds out of order | " + " | ".join(
-        str(r.summary["num_order_violations"]) for r in runs) + " |")
+    for _, label, _, cells in extra_rows(runs):
+        lines.append(f"| {label} | " + " | ".join("—" if c is None else c["text"] for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,8 +219,68 @@ def table_latex(runs: Sequence[RunGaps], frame: pd.DataFrame) -> str:
         sub = frame[frame.quantity == key].set_index("run")
         cells = [_cell(sub.loc[r.label, "mean"], sub.loc[r.label, "se"], latex=True) for r in runs]
         lines.append(" & ".join([label] + cells) + r" \\")
+    lines.append(r"\midrule")
+    for _, _, label, cells in extra_rows(runs):
+        texts = ["--" if c is None else esc(c["text"]).replace("±", r"$\pm$").replace("→", r"$\to$").replace("⚠", r"(!)")
+                 for c in cells]
+        lines.append(" & ".join([label] + texts) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+REPORT_INPUTS = "inputs.json"
+
+
+def report_inputs(run_dirs: Sequence[Path], splits: Sequence[str], out_dir: Path) -> Dict:
+    """What a report is made from: each run's gaps files (by content hash), the splits, the code."""
+    import hashlib
+    import os
+
+    from gapbench.provenance import code_versions
+
+    runs = []
+    for p in run_dirs:
+        entry = {"path": os.path.relpath(Path(p).resolve(), Path(out_dir).resolve()), "gaps": {}}
+        for s in splits:
+            for ext in ("json", "csv"):
+                f = Path(p) / "gaps" / f"{s}.{ext}"
+                entry["gaps"][f"{s}.{ext}"] = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+        runs.append(entry)
+    return {"runs": runs, "splits": list(splits), **code_versions()}
+
+
+def report_is_current(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Sequence[str]] = "test") -> bool:
+    """Whether ``out_dir`` holds a report made from exactly these runs' current gaps, by this code."""
+    splits = [split] if isinstance(split, str) else list(split)
+    try:
+        saved = read_json(Path(out_dir) / REPORT_INPUTS)
+    except (OSError, ValueError):
+        return False
+    return saved == report_inputs(run_dirs, splits, out_dir) and (Path(out_dir) / "table.md").is_file()
+
+
+def rebuild_report(out_dir: Path, default_runs: Sequence[Path], default_split: str) -> List[Path]:
+    """Make the report in ``out_dir`` again from the runs and splits it was made from (its inputs.json).
+
+    A report written before inputs.json existed is rebuilt from ``default_runs`` and ``default_split``.
+    """
+    try:
+        saved = read_json(Path(out_dir) / REPORT_INPUTS)
+        runs = [(Path(out_dir) / r["path"]) for r in saved["runs"]]
+        splits = saved["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        runs, splits = list(default_runs), [default_split]
+    if not all((Path(r) / "gaps" / f"{s}.json").is_file() for r in runs for s in splits):
+        runs, splits = list(default_runs), [default_split]
+    return make_report(runs, out_dir, split=splits if len(splits) > 1 else splits[0])
+
+
+def _lock_target(out_dir: Path) -> Path:
+    """The folder whose lock guards ``out_dir``: the run folder it sits in (RUN/report), else itself."""
+    from gapbench.experiment import RECIPE_FILE
+
+    parent = Path(out_dir).parent
+    return parent if (parent / RECIPE_FILE).is_file() else Path(out_dir)
 
 
 def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Sequence[str]] = "test") -> List[Path]:
@@ -134,10 +288,13 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
 
     ``split`` may list several splits (e.g. ["train", "test"]): then each run gives one
     column per split, labelled with it, to set training against held-out points.
+    ``inputs.json`` records what the report was made from (see :func:`report_is_current`).
     """
     from gapbench import figures
-    from gapbench.io import check_writable
+    from gapbench.io import check_writable, output_dir
+    from gapbench.lock import command_line, folder_lock
 
+    out_dir = Path(out_dir)
     splits = [split] if isinstance(split, str) else list(split)
     runs = [load_run_gaps(Path(p), s) for p in run_dirs for s in splits]
     if len(splits) > 1:
@@ -147,20 +304,26 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
     check_writable(out_dir)
     frame = table_frame(runs)
     written = []
-    for name, text in (
-        ("table.md", table_markdown(runs, frame)),
-        ("table.tex", table_latex(runs, frame)),
-        ("table.csv", frame.to_csv(index=False, float_format="%.4f")),
-    ):
-        write_text(out_dir / name, text)
-        written.append(out_dir / name)
-    for name, fig in figures.all_figures(runs):
-        for ext in ("png", "pdf"):
-            buf = io.BytesIO()
-            # no creation date in the PDF: the same gaps give byte-identical figures
-            fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight",
-                        metadata={"CreationDate": None} if ext == "pdf" else None)
-            write_bytes(out_dir / f"{name}.{ext}", buf.getvalue())
-            written.append(out_dir / f"{name}.{ext}")
-        figures.close(fig)
+    target = _lock_target(out_dir)
+    with output_dir(out_dir), folder_lock(target, command_line()):
+        for name, text in (
+            ("table.md", table_markdown(runs, frame)),
+            ("table.tex", table_latex(runs, frame)),
+            ("table.csv", frame.to_csv(index=False, float_format="%.4f")),
+        ):
+            write_text(out_dir / name, text)
+            written.append(out_dir / name)
+        for name, fig in figures.all_figures(runs):
+            for ext in ("png", "pdf"):
+                buf = io.BytesIO()
+                # no creation date in the PDF: the same gaps give byte-identical figures
+                fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight",
+                            metadata={"CreationDate": None} if ext == "pdf" else None)
+                write_bytes(out_dir / f"{name}.{ext}", buf.getvalue())
+                written.append(out_dir / f"{name}.{ext}")
+            figures.close(fig)
+        from gapbench.io import write_json
+
+        write_json(out_dir / REPORT_INPUTS, report_inputs([r for r in run_dirs], splits, out_dir))
+        written.append(out_dir / REPORT_INPUTS)
     return written

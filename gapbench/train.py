@@ -9,6 +9,7 @@ from a generator seeded by (seed, e), so it does not depend on what ran before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -20,7 +21,6 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from gapbench import __version__
 from gapbench.errors import GapbenchError
 from gapbench.experiment import (
     CHECKPOINT_FILE,
@@ -35,7 +35,6 @@ from gapbench.experiment import (
     training_batch,
 )
 from gapbench.io import (
-    git_commit,
     load_torch,
     output_dir,
     remove_stale_temporaries,
@@ -68,8 +67,9 @@ class TrainResult:
 
     def summary_line(self) -> str:
         early = " (early stop)" if self.stopped_early else ""
+        epochs = f"{self.num_epochs} epoch{'' if self.num_epochs == 1 else 's'}"
         return (
-            f"trained {self.num_epochs} epochs{early} in {self.wall_seconds:.1f} s: "
+            f"trained {epochs}{early} in {self.wall_seconds:.1f} s: "
             f"best valid ELBO {self.best_valid_elbo:.2f} nats (epoch {self.best_epoch}), "
             f"test ELBO {self.test_elbo:.2f} nats -> {self.run_dir}"
         )
@@ -128,10 +128,13 @@ def _write_log(run_dir: Path, rows: List[Dict]) -> None:
     write_text(run_dir / TRAIN_LOG_FILE, "\n".join(lines) + "\n")
 
 
-def _check_resume(recipe: Recipe, run_dir: Path) -> None:
-    saved = load_recipe(run_dir / RECIPE_FILE)
-    # What the model is and how it is trained must match; evaluation settings may differ,
-    # and train.num_epochs may grow (train an existing run for longer).
+def training_changes(recipe: Recipe, saved: Recipe) -> List[str]:
+    """The keys, as 'section.key old -> new', that make ``recipe`` train another model than ``saved``.
+
+    Evaluation settings, the device, the thread count and the name may differ, and
+    train.num_epochs may grow (train an existing run for longer); anything else
+    (data, model, seed, the rest of train) cannot continue from the checkpoint.
+    """
     mine = dataclasses.replace(
         recipe,
         device=saved.device,
@@ -140,13 +143,22 @@ def _check_resume(recipe: Recipe, run_dir: Path) -> None:
         num_threads=saved.num_threads,
         train=dataclasses.replace(recipe.train, num_epochs=saved.train.num_epochs),
     )
-    if mine != saved:
-        a, b = saved.to_dict(), mine.to_dict()
-        diff = [f"{s}.{k}" for s in a if isinstance(a[s], dict) for k in a[s] if a[s][k] != b[s].get(k)]
-        diff += [k for k in a if not isinstance(a[k], dict) and a[k] != b[k]]
+    if mine == saved:
+        return []
+    a, b = saved.to_dict(), mine.to_dict()
+    diff = [f"{s}.{k} {a[s][k]!r} -> {b[s].get(k)!r}" for s in a if isinstance(a[s], dict) for k in a[s]
+            if a[s][k] != b[s].get(k)]
+    diff += [f"{k} {a[k]!r} -> {b[k]!r}" for k in a if not isinstance(a[k], dict) and a[k] != b[k]]
+    return diff
+
+
+def _check_resume(recipe: Recipe, run_dir: Path, how: str = "--resume") -> None:
+    """Refuse to continue ``run_dir`` with a recipe that trains another model; ``how`` names what asked."""
+    diff = training_changes(recipe, load_recipe(run_dir / RECIPE_FILE))
+    if diff:
         raise GapbenchError(
-            f"--resume: the recipe differs from the one {run_dir} was trained with ({', '.join(diff)}); "
-            "resume with the same recipe, or train into a new --out"
+            f"{how}: {run_dir} was trained with other settings ({'; '.join(diff)}), which cannot continue from its "
+            f"checkpoint: train into a new --out, or set them back"
         )
 
 
@@ -156,64 +168,107 @@ def train_run(
     device: Optional[str] = None,
     resume: bool = False,
     callback: Optional[Callable[[Dict], None]] = None,
+    how: str = "--resume",
 ) -> TrainResult:
-    """Train the recipe's VAE into ``run_dir``; ``callback(row)`` is called after every epoch."""
+    """Train the recipe's VAE into ``run_dir``; ``callback(row)`` is called after every epoch.
+
+    ``resume``: continue the run's checkpoint up to ``train.num_epochs`` (which may have grown);
+    ``how`` names what asked for it in error messages ("--resume", "gapbench run").
+    The run folder is locked (one writer at a time) for the whole call.
+    """
+    from gapbench.lock import command_line, folder_lock
+    from gapbench.preflight import check_before_training
+
     run_dir = Path(run_dir)
     dev = resolve_device(device or recipe.device)
     ckpt_path = run_dir / CHECKPOINT_FILE
-    if resume:
-        if not ckpt_path.is_file():
-            raise GapbenchError(f"--resume: {run_dir} holds no {CHECKPOINT_FILE} to resume from; drop --resume to start")
-        _check_resume(recipe, run_dir)
-    elif ckpt_path.exists():
-        raise GapbenchError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose another --out")
-    # A killed write leaves its temporary beside the target; this run's files are rewritten below.
-    remove_stale_temporaries(run_dir, [RECIPE_FILE, CHECKPOINT_FILE, TRAIN_LOG_FILE, META_FILE])
-
-    inputs = load_inputs(recipe)
-    configure_threads(recipe)
-    torch.manual_seed(recipe.seed)
-    model = build_model(recipe, inputs).to(dev)
     t = recipe.train
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.adam_eps)
+    with contextlib.ExitStack() as held:
+        # Until the first checkpoint is written, a failure removes the folder this call created.
+        with output_dir(run_dir, keep_if=lambda p: (p / CHECKPOINT_FILE).is_file()):
+            held.enter_context(folder_lock(run_dir, command_line()))
+            if resume:
+                if not ckpt_path.is_file():
+                    raise GapbenchError(
+                        f"--resume: {run_dir} holds no {CHECKPOINT_FILE} to resume from; drop --resume to start"
+                    )
+                _check_resume(recipe, run_dir, how)
+            elif ckpt_path.exists():
+                raise GapbenchError(
+                    f"{run_dir} already holds a trained run; pass --resume to continue it or choose another --out"
+                )
+            # A killed write leaves its temporary beside the target; this run's files are rewritten below.
+            remove_stale_temporaries(run_dir, [RECIPE_FILE, CHECKPOINT_FILE, TRAIN_LOG_FILE, META_FILE])
 
-    if resume:
-        state = load_torch(ckpt_path)
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise GapbenchError(f"{ckpt_path} does not fit this recipe's model ({type(exc).__name__}); retrain into a new --out") from None
-        torch.set_rng_state(state["rng"])
-        if state["log"]:
-            # The checkpoint is written before the log, so a kill between the two leaves the log an
-            # epoch behind; rewrite it from the checkpoint, or a run killed there would lack its last row.
-            _write_log(run_dir, state["log"])
-    else:
-        with output_dir(run_dir):
-            write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
-            state = _initial_state(model, optimizer)
-            save_torch(ckpt_path, state)
+            inputs = load_inputs(recipe)
+            check_before_training(recipe, inputs, dev)
+            configure_threads(recipe)
+            torch.manual_seed(recipe.seed)
+            model = build_model(recipe, inputs).to(dev)
+            optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.adam_eps)
 
+            if resume:
+                state = load_torch(ckpt_path)
+                try:
+                    model.load_state_dict(state["model"])
+                    optimizer.load_state_dict(state["optimizer"])
+                except (KeyError, RuntimeError, ValueError) as exc:
+                    raise GapbenchError(
+                        f"{ckpt_path} does not fit this recipe's model ({type(exc).__name__}); train into a new --out"
+                    ) from None
+                if state["epoch"] > t.num_epochs:
+                    raise GapbenchError(
+                        f"{how}: {run_dir} has already trained {state['epoch']} epochs, more than "
+                        f"train.num_epochs={t.num_epochs} asks for; ask for at least {state['epoch']} "
+                        f"(--set train.num_epochs={state['epoch']}), or train into a new --out"
+                    )
+                torch.set_rng_state(state["rng"])
+                if state["log"]:
+                    # The checkpoint is written before the log, so a kill between the two leaves the log an
+                    # epoch behind; rewrite it from the checkpoint, or a run killed there would lack its last row.
+                    _write_log(run_dir, state["log"])
+                # The resolved recipe says what the run is trained to now (num_epochs may have grown).
+                saved_name = load_recipe(run_dir / RECIPE_FILE).name
+                write_text(run_dir / RECIPE_FILE, dataclasses.replace(recipe, name=saved_name).to_yaml())
+                # meta.json marks a finished training; until this one finishes, the run is not.
+                prior_meta = _read_meta(run_dir)
+                (run_dir / META_FILE).unlink(missing_ok=True)
+            else:
+                write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
+                state = _initial_state(model, optimizer)
+                save_torch(ckpt_path, state)
+                prior_meta = {}
+        return _train_and_record(recipe, run_dir, inputs, model, optimizer, state, dev, callback, resume, prior_meta)
+
+
+def _read_meta(run_dir: Path) -> Dict:
+    from gapbench.io import read_json
+
+    try:
+        return read_json(run_dir / META_FILE)
+    except (OSError, ValueError):
+        return {}
+
+
+def _train_and_record(recipe, run_dir, inputs, model, optimizer, state, dev, callback, resume, prior_meta) -> TrainResult:
+    """The epochs, then the test ELBO and meta.json (with the final checkpoint's hash)."""
+    from gapbench.provenance import code_versions, device_name, now, sha256_bytes
+
+    ckpt_path = run_dir / CHECKPOINT_FILE
     started = time.time()
     state = _train_epochs(recipe, inputs, model, optimizer, state, run_dir, dev, callback)
     best = state["best_model"]
     if best is not None:
         model.load_state_dict(best)
     test_elbo = dataset_elbo(model.eval(), inputs.test, dev, num_samples=10)
-    prior_meta = {}
-    if resume and (run_dir / META_FILE).exists():
-        from gapbench.io import read_json
-
-        prior_meta = read_json(run_dir / META_FILE)
     meta = {
         "seed": recipe.seed,
-        "gapbench_version": __version__,
-        "git_commit": git_commit(),
-        "torch_version": torch.__version__,
+        **code_versions(),
         "python_version": platform.python_version(),
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": device_name(dev),
+        "date": now(),
+        "checkpoint_sha256": sha256_bytes(ckpt_path.read_bytes()),
         "num_threads": torch.get_num_threads(),
         "data_source": inputs.source,
         "data_description": inputs.description,

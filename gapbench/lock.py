@@ -1,0 +1,124 @@
+"""One writer per run folder: an advisory lock that the kernel releases when its process dies.
+
+Every command that writes a folder holds ``<folder>/.gapbench.lock`` locked
+(``fcntl.flock``, exclusive) while it writes. A second writer is refused at once
+with one line naming the process that holds the folder. Because the kernel drops
+the lock with the process, a killed run (Ctrl-C, SIGKILL, a node that went away
+without its file system) never blocks the next one: there is no stale lock file
+to delete. The file itself stays; it holds the last holder's PID and command,
+for the error message only.
+
+The lock is re-entrant within a process, so ``gapbench run`` can hold a run
+folder across train, evaluate-gaps and report, each of which also takes it.
+On a file system without ``flock`` (some network mounts), locking is skipped
+with a warning rather than refusing to work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Dict, Iterator, Tuple
+
+from gapbench.errors import GapbenchError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".gapbench.lock"
+
+# folder (resolved) -> (open file descriptor, how many holders in this process)
+_HELD: Dict[Path, Tuple[int, int]] = {}
+_GUARD = threading.Lock()
+
+
+class FolderInUse(GapbenchError):
+    """Another process is writing the folder."""
+
+
+def _holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    pid = info.get("pid")
+    what = f"process {pid}" if pid else "another process"
+    if info.get("command"):
+        what += f" ({info['command']})"
+    return what
+
+
+@contextlib.contextmanager
+def folder_lock(folder, command: str = "gapbench") -> Iterator[Path]:
+    """Hold ``folder``'s writer lock for the ``with`` block; raise :class:`FolderInUse` if another process has it.
+
+    ``folder`` is created if needed (its parents too); ``command`` is recorded for
+    the message a refused writer sees.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder.resolve()
+    with _GUARD:
+        if key in _HELD:
+            fd, count = _HELD[key]
+            _HELD[key] = (fd, count + 1)
+            reentered = True
+        else:
+            reentered = False
+    if not reentered:
+        mode = 0o666 & ~_umask()
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = _holder(fd)
+                os.close(fd)
+                raise FolderInUse(
+                    f"{folder} is in use by {holder}: wait for it to finish, or choose another --out"
+                ) from None
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                log.warning("%s: this file system does not support locks; nothing stops a second writer", folder)
+            else:
+                os.close(fd)
+                raise
+        note = json.dumps({"pid": os.getpid(), "command": command}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note, 0)
+        with _GUARD:
+            _HELD[key] = (fd, 1)
+    try:
+        yield folder
+    finally:
+        with _GUARD:
+            fd, count = _HELD[key]
+            if count > 1:
+                _HELD[key] = (fd, count - 1)
+            else:
+                del _HELD[key]
+                os.close(fd)  # closing the descriptor releases the lock
+
+
+def holds_lock(folder) -> bool:
+    """Whether this process holds ``folder``'s lock."""
+    return Path(folder).resolve() in _HELD
+
+
+def _umask() -> int:
+    from gapbench.io import current_umask
+
+    return current_umask()
+
+
+def command_line() -> str:
+    """The running command, for the lock note: 'gapbench run recipes/x.yaml'."""
+    argv = [os.path.basename(sys.argv[0] or "gapbench")] + sys.argv[1:]
+    return " ".join(argv)[:200]
