@@ -89,7 +89,7 @@ def warnings_for(convergence: Dict) -> List[str]:
     a = convergence.get("ais")
     if a is not None and not a["converged"]:
         lines.append(
-            f"AIS moved {a['change']:+.2f} ± {_se(a['se'])} nats from {a['from_steps']} to {a['to_steps']} steps "
+            f"AIS moved {a['change']:+.3f} ± {_se(a['se'], 3)} nats from {a['from_steps']} to {a['to_steps']} steps "
             f"(mean over {a['num_points']} points), more than evaluate.ais.convergence_tolerance={a['tolerance']:g}: "
             "log p̂(x) has not converged; raise evaluate.ais.num_steps"
         )
@@ -109,5 +109,5 @@ def summary_text(convergence: Dict) -> str:
     return text
 
 
-def _se(se) -> str:
-    return "n/a" if se is None or (isinstance(se, float) and not math.isfinite(se)) else f"{se:.2f}"
+def _se(se, digits: int = 2) -> str:
+    return "n/a" if se is None or (isinstance(se, float) and not math.isfinite(se)) else f"{se:.{digits}f}"

@@ -158,7 +158,9 @@ def evaluate_run(
     with folder_lock(run.path, command_line()):
         if resume and not restart:
             done = _finished_evaluation(final, fingerprint, keys)
-            if done is not None:
+            # Settings that no stage depends on (the AIS tolerance, compiling) leave every batch valid,
+            # but the summary judged by them is made again from those batches below.
+            if done is not None and done.get("settings") == _jsonable(dataclasses.asdict(cfg)):
                 return EvalSummary(path=gaps_dir / f"{cfg.split}.csv", split=cfg.split, summary=done, reused=True)
         saved = _read_stamp(stamp)
         # A kill during an atomic write leaves its temporary behind; nothing reads it, so clear it.
@@ -167,7 +169,7 @@ def evaluate_run(
         if partial.exists() and (saved is None or saved.get("fingerprint") != fingerprint):
             if finished:
                 why = prov.describe(saved.get("context", {}), context) if saved else "an unreadable settings.json"
-                log.warning("evaluate-gaps: discarding %d finished batches in %s, made with other inputs (%s); "
+                log.warning("discarding %d finished batches in %s, made with other inputs (%s); "
                             "recomputing", len(finished), partial, why)
             shutil.rmtree(partial)
             saved, finished = None, []
@@ -199,7 +201,7 @@ def evaluate_run(
                 if partial.is_dir() else []
             if stale:
                 before = stages_saved.get(stage, {}).get("settings", {})
-                log.warning("evaluate-gaps: %s settings changed (%s); recomputing %s",
+                log.warning("%s settings changed (%s); recomputing %s",
                             label, prov.describe(before, stage_settings[stage]), label)
                 for f in stale:
                     f.unlink()
@@ -238,7 +240,8 @@ def evaluate_run(
                         "traces": {k: v.detach().cpu() for k, v in traces.items()},
                     }
                 result["seconds"] = time.time() - started  # this batch alone; the summary adds them up
-                result["provenance"] = {"fingerprint": fingerprint, "stage_key": keys[stage], "date": prov.now()}
+                result["provenance"] = {**prov.with_recorded(context, run, dev), "fingerprint": fingerprint,
+                                        "stage": stage, "stage_key": keys[stage], "settings": stage_settings[stage]}
                 save_torch(part(stage, b), result)
                 if callback:
                     callback(label, finished + 1, num_batches)
@@ -420,7 +423,7 @@ def _finish(run, cfg, recipe, idx, batches, stages, families, encoder_family, pa
         convergence.pop("ais", None)
     warnings = warnings_for(convergence)
     for line in warnings:
-        log.warning("evaluate-gaps: %s", line)
+        log.warning("%s", line)
     out = run.path / GAPS_DIR
     summary.update(
         {

@@ -53,7 +53,10 @@ def stage_label(stage: str) -> str:
         "amortized": "L[q] (amortized)",
         "iwae": "IWAE",
         "ais": "AIS",
-    }.get(stage, f"L[q*_{stage.split('_', 1)[-1]}] (local)")
+    }.get(stage, f"L[q*_{_FAMILY_NAMES.get(stage.split('_', 1)[-1], stage.split('_', 1)[-1])}] (local)")
+
+
+_FAMILY_NAMES = {"ffg": "FFG", "flow": "Flow", "realnvp": "RealNVP"}
 
 
 def local_family_kwargs(family: str, cfg: EvaluateConfig, model_cfg) -> Dict:

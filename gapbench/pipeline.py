@@ -57,6 +57,11 @@ def run_pipeline(
             folder_lock(run_dir, command_line()):
         ckpt = run_dir / CHECKPOINT_FILE
         if not ckpt.is_file():
+            from gapbench.experiment import load_inputs, resolve_device
+            from gapbench.preflight import check_before_training
+
+            # Checked here too (train_run checks again), so a refusal is the only line printed.
+            check_before_training(recipe, load_inputs(recipe), resolve_device(device or recipe.device))
             say(f"train: training {recipe.name} -> {run_dir}")
             say(train_run(recipe, run_dir, device=device, callback=train_callback).summary_line())
         else:

@@ -51,7 +51,7 @@ def code_versions() -> Dict[str, Any]:
         "gapbench_version": __version__,
         "git_commit": git["commit"],
         "git_dirty": git["dirty"],
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a TorchVersion, which a weights-only load refuses
     }
 
 

@@ -79,29 +79,28 @@ def _seed_of(r: RunGaps):
 
 
 def _unique_labels(runs: List[RunGaps]) -> None:
-    """Make every column label unique: add the run's name, then its seed, its folder, its path, a number."""
-
-    def collide() -> List[RunGaps]:
-        seen: Dict[str, int] = {}
-        for r in runs:
-            seen[r.label] = seen.get(r.label, 0) + 1
-        return [r for r in runs if seen[r.label] > 1]
-
-    for extra in (
-        lambda r: r.summary.get("run") or r.path.name,
-        lambda r: None if _seed_of(r) is None else f"seed {_seed_of(r)}",
-        lambda r: r.path.name,
-        lambda r: str(r.path),
-    ):
-        clashing = collide()
-        if not clashing:
-            return
-        for r in clashing:
-            word = extra(r)
-            if word is not None and f"({word})" not in r.label:
-                r.label = f"{r.label} ({word})"
-    for i, r in enumerate(collide(), start=1):  # the same folder given twice
-        r.label = f"{r.label} #{i}"
+    """Make every column label unique: runs that share one get the first of their run name, seed,
+    folder name or path that tells them apart (a folder given twice: its path and a number)."""
+    groups: Dict[str, List[RunGaps]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    for label, group in groups.items():
+        if len(group) < 2:
+            continue
+        for extra in (
+            lambda r: r.summary.get("run"),
+            lambda r: None if _seed_of(r) is None else f"seed {_seed_of(r)}",
+            lambda r: r.path.name,
+            lambda r: str(r.path),
+        ):
+            words = [extra(r) for r in group]
+            if None not in words and len(set(words)) == len(group):
+                for r, word in zip(group, words):
+                    r.label = f"{label} ({word})"
+                break
+        else:
+            for i, r in enumerate(group, start=1):
+                r.label = f"{label} ({r.path}) #{i}"
 
 
 def _families_shown(runs: Sequence[RunGaps]) -> List[str]:

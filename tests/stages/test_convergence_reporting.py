@@ -178,8 +178,6 @@ def test_a_new_tolerance_is_no_reason_to_recompute_ais(rising, tmp_path):
     assert after == before  # no batch file was rewritten, AIS's least of all
 
 
-@pytest.mark.xfail(strict=True, reason="--resume reuses the finished gaps file when only "
-                   "evaluate.ais.convergence_tolerance changed, so it keeps the old tolerance, verdict and warnings")
 def test_a_new_tolerance_judges_the_same_ais_estimates_again(rising, tmp_path):
     run, (code, out, err), _, _ = _resume_with_tolerance(rising, tmp_path, 100)
     assert code == 0, err
