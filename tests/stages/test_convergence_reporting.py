@@ -112,7 +112,7 @@ def test_markdown_latex_and_csv_tables_have_the_same_rows(capped):
     assert md[: len(ROWS)] == [label for _, label, _ in ROWS]
     assert tex[: len(ROWS)] == [label for _, _, label in ROWS]
     # the rows the LaTeX table used to lack, in the same place as in the Markdown one
-    for label in ("datapoints (finite / all)", "bounds out of order", "AIS change, last doubling of steps"):
+    for label in ("datapoints (finite / all)", "bounds out of order", "AIS change at the end of the sweep"):
         assert md.index(label) == tex.index(label), label
     tex_text = (run / "report" / "table.tex").read_text()
     assert r"datapoints (finite / all) & 12 / 12 \\" in tex_text
