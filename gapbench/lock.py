@@ -75,7 +75,12 @@ def folder_lock(folder, command: str = "gapbench") -> Iterator[Path]:
             reentered = False
     if not reentered:
         mode = 0o666 & ~_umask()
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, mode)
+        try:
+            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, mode)
+        except OSError as exc:
+            raise GapbenchError(
+                f"cannot write to {folder}: {exc.strerror}; choose another --out (or a folder you can write)"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

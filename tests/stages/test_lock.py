@@ -180,3 +180,25 @@ def test_two_runs_into_one_folder_one_wins_and_its_seed_is_what_the_folder_says(
     assert yaml.safe_load((out / "recipe.yaml").read_text())["seed"] == winner
     gaps = json.loads((out / "gaps" / "test.json").read_text())
     assert gaps["seed"] == gaps["provenance"]["seed"] == winner
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """Locking a folder whose lock file cannot be created names the folder and the fix, not an OSError."""
+    import errno as _errno
+
+    from gapbench import lock
+    from gapbench.errors import GapbenchError
+
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(lock.LOCK_FILE):
+            raise PermissionError(_errno.EACCES, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(lock.os, "open", refuse)
+    with pytest.raises(GapbenchError) as info:
+        with lock.folder_lock(tmp_path / "run"):
+            pass
+    message = str(info.value)
+    assert "cannot write to" in message and "Permission denied" in message and "\n" not in message

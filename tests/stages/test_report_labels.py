@@ -55,13 +55,19 @@ def _labels(out):
     return list(dict.fromkeys(table.run))
 
 
-def test_runs_of_one_recipe_get_distinct_labels_naming_their_seeds(two_seeds, tmp_path):
-    a, b = two_seeds
-    out = tmp_path / "both"
-    code, stdout, err = gapbench_cli("report", a, b, "--out", out)
+def _report_labels(runs, out):
+    """(labels, stdout) of `gapbench report RUNS --out OUT`, which must give two distinct labels."""
+    code, stdout, err = gapbench_cli("report", *runs, "--out", out)
     assert code == 0 and "Traceback" not in err, err
     labels = _labels(out)
     assert len(labels) == 2 and labels[0] != labels[1], labels
+    return labels, stdout
+
+
+def test_runs_of_one_recipe_get_distinct_labels_naming_their_seeds(two_seeds, tmp_path):
+    a, b = two_seeds
+    out = tmp_path / "both"
+    labels, stdout = _report_labels([a, b], out)
     assert all(label.startswith("digits / FFG") for label in labels)
     assert "seed 1" in labels[0] and "seed 2" in labels[1], labels
     # the same labels head the Markdown and LaTeX tables
@@ -75,10 +81,7 @@ def test_runs_of_one_recipe_get_distinct_labels_naming_their_seeds(two_seeds, tm
 def test_the_same_run_given_twice_gets_two_labels(two_seeds, tmp_path):
     a, _ = two_seeds
     out = tmp_path / "twice"
-    code, _, err = gapbench_cli("report", a, a, "--out", out)
-    assert code == 0 and "Traceback" not in err, err
-    labels = _labels(out)
-    assert len(labels) == 2 and labels[0] != labels[1], labels
+    labels, _ = _report_labels([a, a], out)
     table = pd.read_csv(out / "table.csv")
     # the same gaps under both labels
     for quantity in ("log_px", "amortization_gap"):
