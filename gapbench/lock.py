@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
@@ -42,11 +43,20 @@ class FolderInUse(GapbenchError):
 
 
 def _holder(fd: int) -> str:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        info = json.loads(os.read(fd, 4096).decode() or "{}")
-    except (OSError, ValueError):
-        info = {}
+    """Who holds the lock, from the note the holder writes just after taking it.
+
+    A holder that has only just taken the lock may not have written its note yet,
+    so an empty or partial note is read again for up to half a second.
+    """
+    info: dict = {}
+    for _ in range(10):
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if info.get("pid"):
+            break
+        time.sleep(0.05)
     pid = info.get("pid")
     what = f"process {pid}" if pid else "another process"
     if info.get("command"):
@@ -96,8 +106,8 @@ def folder_lock(folder, command: str = "gapbench") -> Iterator[Path]:
                 os.close(fd)
                 raise
         note = json.dumps({"pid": os.getpid(), "command": command}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, note, 0)
+        os.pwrite(fd, note, 0)  # written over the last holder's note, then cut to length: never empty
+        os.ftruncate(fd, len(note))
         with _GUARD:
             _HELD[key] = (fd, 1)
     try:

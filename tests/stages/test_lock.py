@@ -202,3 +202,26 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
             pass
     message = str(info.value)
     assert "cannot write to" in message and "Permission denied" in message and "\n" not in message
+
+
+def test_a_holder_that_has_not_written_its_note_yet_is_still_named(tmp_path):
+    """The refused writer reads the holder's PID even when it looks in the instant between the
+    holder's taking the lock and its writing the note (the race two simultaneous runs hit)."""
+    import fcntl
+
+    from gapbench import lock
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    fd = os.open(folder / lock.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, note not yet written
+        timer = threading.Timer(0.2, lambda: os.pwrite(fd, json.dumps({"pid": 424242, "command": "gapbench run"}).encode(), 0))
+        timer.start()
+        with pytest.raises(lock.FolderInUse) as info:
+            with lock.folder_lock(folder):
+                pass
+        timer.join()
+        assert "process 424242 (gapbench run)" in str(info.value)
+    finally:
+        os.close(fd)
