@@ -131,6 +131,8 @@ def run_stage(
             patience=loc.patience,
             max_steps=loc.max_steps,
             num_final_samples=loc.num_final_samples,
+            lr_decay=loc.lr_decay,
+            improvement_se=loc.improvement_se,
             seed=seed,
             family_kwargs=family_kwargs,
             progress_fn=progress_fn,

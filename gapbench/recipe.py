@@ -121,6 +121,10 @@ class LocalConfig:
     # also start at the fitted FFG q* (its identity flow), which saves most of its steps.
     init: Literal["prior", "encoder"] = "prior"
     flow_init: Literal["prior", "encoder", "ffg"] = "prior"
+    # At each check without a new best, multiply that datapoint's learning rate by this (1: constant, the paper).
+    lr_decay: float = field(default=1.0, metadata=_range(lo=0, lo_open=True, hi=1))
+    # A check is a new best only if it beats the best by this many standard errors of its average (0: the paper).
+    improvement_se: float = field(default=0.0, metadata=_range(lo=0))
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,8 @@ def fit_local(
     seed: Optional[int] = None,
     family_kwargs: Optional[dict] = None,
     progress_fn: Optional[ProgressFn] = None,
+    lr_decay: float = 1.0,
+    improvement_se: float = 0.0,
 ) -> LocalFit:
     """Fit the best member q* of ``family`` to each datapoint's posterior separately.
 
@@ -94,7 +96,13 @@ def fit_local(
     samples, so a datapoint's gradient, step and stopping do not depend on
     which others share its batch. Stopping rule, per datapoint: every
     ``check_every`` of its steps, average its loss over those steps; stop after
-    ``patience`` checks without a new best, or at ``max_steps``.
+    ``patience`` checks without a new best, or at ``max_steps``. Two refinements,
+    both off by default (the paper's rule): a check counts as a new best only when
+    its average beats the best by more than ``improvement_se`` standard errors of
+    that average (from the spread of the window's losses), so Monte Carlo noise
+    alone does not keep a fit running; and each check without a new best multiplies
+    that datapoint's learning rate by ``lr_decay`` (< 1: a fit that has stopped
+    improving takes smaller, less noisy steps before it stops).
 
     Args:
         model: ``latent_dim``, ``log_prior(z)``, ``log_likelihood(x, z)``; z [S, N, D] -> [S, N].
@@ -103,6 +111,9 @@ def fit_local(
         init: None (start at the prior N(0, I)) or a Posterior / torch Distribution [N] x [D]
             (start at the family member closest to it, e.g. the encoder's q).
         lr, num_samples, check_every, patience, max_steps: the optimization (defaults from the paper).
+        lr_decay: factor on a datapoint's learning rate at each check without a new best (1: constant).
+        improvement_se: how many standard errors a check's average must beat the best by to count
+            as a new best (0: any improvement, the paper's rule).
         num_final_samples: fresh samples for the final L[q*] (chunked).
         chunk_size: most datapoints optimized at once (None: all); a converged
             datapoint's place is taken by the next waiting one.
@@ -150,6 +161,10 @@ def fit_local(
 
         steps = torch.zeros(num_points, dtype=torch.long, device=device)
         window = torch.zeros(num_points, dtype=torch.float64, device=device)
+        window_sq = torch.zeros(num_points, dtype=torch.float64, device=device)  # for the window's standard error
+        # Each datapoint's learning rate: one number unless it decays per datapoint.
+        per_point_lr = lr_decay != 1.0
+        lr_now = torch.full((num_points,), float(lr), dtype=dtype, device=device) if per_point_lr else None
         best = torch.full((num_points,), float("inf"), dtype=torch.float64, device=device)
         bad_checks = torch.zeros(num_points, dtype=torch.long, device=device)
         num_checks = torch.zeros(num_points, dtype=torch.long, device=device)
@@ -184,11 +199,15 @@ def fit_local(
             old = f_act.detach()
             if not all_ok:
                 grad = torch.where(ok[:, None], grad, torch.zeros_like(grad))
-            new, m_act, v_act = adam_update(old, grad, m_act, v_act, t, lr)
+            step_lr = lr_now[active].unsqueeze(1) if per_point_lr else lr
+            new, m_act, v_act = adam_update(old, grad, m_act, v_act, t, step_lr)
             # A datapoint whose loss or gradient is not finite keeps its last parameters.
             f_act = new if all_ok else torch.where(ok[:, None], new, old)
             steps[active] = torch.where(ok, t, steps[active])
-            window[active] += torch.where(ok, loss.double(), torch.zeros_like(loss, dtype=torch.float64))
+            kept = torch.where(ok, loss.double(), torch.zeros_like(loss, dtype=torch.float64))
+            window[active] += kept
+            if improvement_se:
+                window_sq[active] += kept * kept
 
             # The stopping rule, for the datapoints at a check (all active ones share t % check_every
             # unless the batch was refilled, so this branch is rare).
@@ -198,9 +217,16 @@ def fit_local(
                 idx = active[at_check]
                 avg = window[idx] / check_every
                 trace[num_checks[idx], idx] = -avg
-                improved = avg < best[idx]
+                if improvement_se:
+                    var = (window_sq[idx] / check_every - avg * avg).clamp_min(0.0)
+                    improved = avg < best[idx] - improvement_se * (var / check_every).sqrt()
+                    window_sq[idx] = 0.0
+                else:
+                    improved = avg < best[idx]
                 best[idx] = torch.minimum(best[idx], avg)
                 bad_checks[idx] = torch.where(improved, torch.zeros_like(bad_checks[idx]), bad_checks[idx] + 1)
+                if per_point_lr:
+                    lr_now[idx] = torch.where(improved, lr_now[idx], lr_now[idx] * lr_decay)
                 num_checks[idx] += 1
                 window[idx] = 0.0
                 stop = bad_checks[idx] >= patience
