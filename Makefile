@@ -7,6 +7,7 @@ PYTHON ?= python3
 # torch >= 2.2 (a CUDA build, say) is kept as it is.
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+GPU_CHECK_ARGS ?=
 
 # Cremer, Li & Duvenaud (2018), Table 2: dataset x encoder family.
 TABLE2_RUNS = mnist_ffg mnist_flow fashion_ffg fashion_flow cifar10_ffg cifar10_flow
@@ -19,7 +20,7 @@ FOLLOWUPS = encoder-capacity decoder-capacity train-vs-heldout gaps-over-trainin
 OVER_TRAINING_EPOCHS ?= 13 40 121 364 1093 3280
 OVER_TRAINING_EPOCHS_SMALL ?= 5 10 25 50
 
-.PHONY: help setup test test-fast quickstart bench clean-runs reproduce-table2 \
+.PHONY: help setup test test-fast quickstart bench gpu-check clean-runs reproduce-table2 \
 	reproduce-table2-mnist reproduce-table2-fashion reproduce-table2-cifar10 \
 	reproduce-table2-small reproduce-table2-small-mnist reproduce-table2-small-fashion reproduce-table2-small-cifar10 \
 	reproduce-followups reproduce-followups-small \
@@ -31,6 +32,8 @@ help:
 	@echo "make test-fast   skip tests marked slow"
 	@echo "make quickstart  gapbench run recipes/quickstart.yaml"
 	@echo "make bench       speed and accuracy benchmarks"
+	@echo "make gpu-check   one GPU, under 8 minutes: bench, compiled AIS, the paper's AIS settings -> results/gpu/<device>/"
+	@echo "                 (GPU_CHECK_ARGS=\"--data-dir DIR\" for Fashion-MNIST; \"--quick --device cpu\" for a CPU smoke run)"
 	@echo "make reproduce-table2   Cremer et al. 2018 Table 2 at the paper's settings (GPU-days; needs mnist, fashion-mnist, cifar10)"
 	@echo "make reproduce-table2-fashion   the same for Fashion-MNIST only (likewise -mnist, -cifar10)"
 	@echo "make reproduce-table2-small     the same models on a CPU budget (50 epochs, 100 points); -small-fashion etc. too"
@@ -52,6 +55,9 @@ quickstart:
 
 bench:
 	$(PYTHON) benchmarks/speed.py --compile $(BENCH_ARGS)
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-runs:
 	rm -rf runs
