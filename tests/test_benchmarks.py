@@ -119,6 +119,42 @@ def test_benchmark_runs_and_prints_every_comparison(model, capsys):
     assert text.count("\n") == len(rows) + 1 and "| toy | local FFG | equal final ELBO | 3 |" in text
 
 
+def test_references_on_a_subset_are_scaled_to_all_points(model, monkeypatch):
+    """With reference_points=k the one-at-a-time local references see only the first k points, their time
+    is scaled by N/k, and their accuracy is compared on those k points (the GPU sizes' setting)."""
+    wrapped = _WithEncoder(model)
+    seen = []
+    real = speed.fit_local_one_at_a_time
+
+    def spy(model_, x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return real(model_, x, *args, **kwargs)
+
+    monkeypatch.setattr(speed, "fit_local_one_at_a_time", spy)
+
+    def simulate(num_points, seed):
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(num_points, 2, generator=gen, dtype=torch.float64)
+        torch.manual_seed(seed)
+        return z, model.sample_x(z)
+
+    cfg = speed.Config(4, 2, 4, 2, ais_steps=4, ais_chains=2, ais_ladder=(2,), iwae_samples=50,
+                       max_steps=40, published_max_steps=40, digits_epochs=1, reference_points=1)
+    clock = {"t": 0.0}
+
+    def fake_measure(fn, device=None):
+        value = fn()
+        clock["t"] += 1.0  # every measured call "takes" one second
+        return speed.Measured(value, 1.0, 0.0)
+
+    monkeypatch.setattr(speed, "_measure", fake_measure)
+    rows = speed.bench_model("toy", wrapped, simulate, 4, 2, cfg, seed=0, log=lambda msg: None)
+    assert seen == [1, 1, 1]  # local FFG x2, local flow: one point each
+    local = [r for r in rows if r.estimator.startswith("local")]
+    assert [r.ref.seconds for r in local] == [4.0, 4.0, 4.0] and all(r.ours.seconds == 1.0 for r in local)
+    assert all("timed on 1 of 4 points, scaled" in r.ref_settings for r in local)
+
+
 def test_best_of_repeats_alternates_and_keeps_each_fastest_run(monkeypatch):
     order = []
     clock = iter([0.0, 3.0, 3.0, 4.0, 4.0, 5.0, 5.0, 9.0])  # durations: a 3, b 1, a 1, b 4
