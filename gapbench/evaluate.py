@@ -14,59 +14,28 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
-import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
-from gapbench import __version__
 from gapbench.errors import GapbenchError
 from gapbench.experiment import configure_threads, evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
-from gapbench.gaps import decompose, local_family_kwargs, local_init, run_ais, run_stage, stage_label, stage_names, summarize
-from gapbench.io import git_state, load_torch, read_json, remove_stale_temporaries, save_torch, write_json, write_text
+from gapbench.gaps import local_family_kwargs, local_init, run_ais, run_stage, stage_label, stage_names
+from gapbench.gaps_files import GAPS_DIR, EvalSummary, jsonable, load_batch, write_gaps_files
+from gapbench.io import read_json, remove_stale_temporaries, save_torch, write_json
 from gapbench.lock import command_line, folder_lock
 from gapbench.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-GAPS_DIR = "gaps"
 # AIS at fewer intermediate distributions, on a few points, for the convergence figure; 0.5 and
 # 1.0 give the change of the estimate over the last doubling of steps, the convergence check.
 AIS_SWEEP_FRACTIONS = (0.01, 0.03, 0.1, 0.3, 0.5, 1.0)
 AIS_SWEEP_POINTS = 20
-
-
-@dataclass
-class EvalSummary:
-    path: Path
-    split: str
-    summary: Dict
-    reused: bool = False  # True: an up-to-date evaluation was found and nothing was computed
-
-    def summary_line(self) -> str:
-        from gapbench.convergence import summary_text
-
-        s = self.summary["stats"]
-
-        def fmt(key):
-            v = s.get(key)
-            return "n/a" if v is None else f"{v['mean']:.2f} ± {v['se']:.2f}"
-
-        flagged = self.summary["num_order_violations"]
-        conv = summary_text(self.summary.get("convergence", {}))
-        return (
-            f"{self.summary['num_points']} {self.split} points: log p̂(x) {fmt('log_px')}, L[q] {fmt('elbo_q')}, "
-            f"approximation gap {fmt('approximation_gap')}, amortization gap {fmt('amortization_gap')} nats"
-            f"{f'; {flagged} points with bounds in the wrong order (flagged)' if flagged else ''}"
-            f"{f'; {conv}' if conv else ''} -> {self.path}"
-        )
 
 
 def _check_overrides(overrides: Sequence[str]) -> None:
@@ -160,7 +129,7 @@ def evaluate_run(
             done = _finished_evaluation(final, fingerprint, keys)
             # Settings that no stage depends on (the AIS tolerance, compiling) leave every batch valid,
             # but the summary judged by them is made again from those batches below.
-            if done is not None and done.get("settings") == _jsonable(dataclasses.asdict(cfg)):
+            if done is not None and done.get("settings") == jsonable(dataclasses.asdict(cfg)):
                 return EvalSummary(path=gaps_dir / f"{cfg.split}.csv", split=cfg.split, summary=done, reused=True)
         saved = _read_stamp(stamp)
         # A kill during an atomic write leaves its temporary behind; nothing reads it, so clear it.
@@ -249,7 +218,7 @@ def evaluate_run(
         # The stamp now describes exactly the stages the gaps file is made from (see _made_final).
         stages_saved = {s: stages_saved[s] for s in all_stages}
         write_stamp()
-        summary = _finish(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev,
+        summary = write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev,
                           provenance={**prov.with_recorded(context, run, dev), "fingerprint": fingerprint,
                                       "stages": stages_saved})
         if refresh_report:
@@ -346,18 +315,12 @@ def _fitted_ffg(model, ffg_part: Path, num_points: int, device):
     """q*_FFG of the first ``num_points`` datapoints of a batch, from its saved local FFG fit."""
     from gapbench.models.posterior import DiagonalGaussian
 
-    traces = _load_part(ffg_part)["traces"]
+    traces = load_batch(ffg_part)["traces"]
     params = {
         "mean": traces["ffg_mean"][:num_points].to(device),
         "log_var": traces["ffg_log_var"][:num_points].to(device),
     }
     return DiagonalGaussian(model.latent_dim).posterior(params)
-
-
-def _load_part(path: Path) -> Dict:
-    """A finished (stage, batch) file; a damaged one is named with how to recompute it."""
-    return load_torch(path, what="evaluation batch file",
-                      remedy="delete it and run evaluate-gaps again with --resume, which recomputes that batch only")
 
 
 def _ais_sweep(model, x, cfg, seed, init=None, progress_fn=None) -> Dict[str, torch.Tensor]:
@@ -379,98 +342,3 @@ def _ais_sweep(model, x, cfg, seed, init=None, progress_fn=None) -> Dict[str, to
     return {"steps": torch.tensor(grid), "log_px": torch.stack(values)}
 
 
-def _finish(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev, provenance) -> EvalSummary:
-    from gapbench.convergence import ais_convergence, local_convergence, warnings_for
-
-    columns: Dict[str, List[np.ndarray]] = {}
-    traces: Dict[str, Dict] = {}
-    stage_seconds: Dict[str, float] = {}
-
-    def load(path: Path) -> Dict:
-        saved = _load_part(path)
-        made = (saved.get("provenance") or {}).get("fingerprint")
-        if made != provenance["fingerprint"]:  # never mix results of two checkpoints, datasets or code versions
-            raise GapbenchError(
-                f"{path} was made with other inputs than the rest of this evaluation; "
-                "delete it and run evaluate-gaps again with --resume, which recomputes that batch only"
-            )
-        return saved
-
-    for stage in stages:
-        local_curves = []
-        for b in range(len(batches)):
-            saved = load(part(stage, b))
-            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + float(saved.get("seconds", 0.0))
-            for k, v in saved["columns"].items():
-                columns.setdefault(k, []).append(v.numpy())
-            if stage.startswith("local_") and saved["traces"]:
-                local_curves.append((saved["traces"]["steps"], saved["traces"]["elbo"]))
-        if local_curves:
-            traces[stage] = _local_trace(local_curves)
-    convergence: Dict = {}
-    if cfg.ais.enabled:
-        sweep = load(part("ais_sweep", 0))["traces"]
-        traces["ais_sweep"] = {"num_steps": sweep["steps"].tolist(), "log_px": sweep["log_px"].T.tolist()}
-        convergence["ais"] = ais_convergence(sweep["steps"].tolist(), sweep["log_px"].numpy(),
-                                             cfg.ais.convergence_tolerance)
-    cols = {k: np.concatenate(v) for k, v in columns.items()}
-    df = decompose(cols, encoder_family, families)
-    df.insert(0, "index", idx.numpy())
-    df.insert(1, "split", cfg.split)
-    summary = summarize(df, encoder_family, families)
-    convergence["local"] = local_convergence(df, families, cfg.local.max_steps)
-    if convergence.get("ais") is None:
-        convergence.pop("ais", None)
-    warnings = warnings_for(convergence)
-    for line in warnings:
-        log.warning("%s", line)
-    out = run.path / GAPS_DIR
-    summary.update(
-        {
-            "run": recipe.name,
-            "dataset": recipe.data.dataset,
-            "split": cfg.split,
-            "seed": recipe.seed,
-            "device": str(dev),
-            "stage_seconds": stage_seconds,
-            "convergence": convergence,
-            "warnings": warnings,
-            "settings": dataclasses.asdict(cfg),
-            "provenance": provenance,
-            "traces": traces,
-        }
-    )
-    write_text(out / f"{cfg.split}.csv", df.to_csv(index=False, float_format="%.6f"))
-    write_json(out / f"{cfg.split}.json", _jsonable(summary))
-    return EvalSummary(path=out / f"{cfg.split}.csv", split=cfg.split, summary=summary)
-
-
-def _local_trace(curves) -> Dict:
-    """Per-check ELBO of the local fits: the mean over points still running, and a few single points."""
-    max_k = max(elbo.shape[0] for _, elbo in curves)
-    steps = max(curves, key=lambda c: c[0].shape[0])[0]
-    padded = [torch.nn.functional.pad(e, (0, 0, 0, max_k - e.shape[0]), value=float("nan")) for _, e in curves]
-    elbo = torch.cat(padded, dim=1).numpy()  # [K, N], NaN after a point stopped
-    # Carry each point's last value forward so the mean is over all points at every step.
-    filled = elbo.copy()
-    for k in range(1, filled.shape[0]):
-        gap = np.isnan(filled[k])
-        filled[k, gap] = filled[k - 1, gap]
-    keep = ~np.all(np.isnan(elbo), axis=1)
-    return {
-        "steps": steps.numpy()[: max_k][keep].tolist(),
-        "elbo_mean": np.nanmean(filled, axis=1)[keep].tolist(),
-        "elbo_points": elbo[keep][:, : min(8, elbo.shape[1])].T.tolist(),
-    }
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _jsonable(obj.item())
-    return obj

@@ -17,7 +17,7 @@ import datetime
 import hashlib
 import json
 import platform
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, List
 
 import torch
 
@@ -143,8 +143,3 @@ def _plain(obj):
         return [_plain(v) for v in obj]
     return obj
 
-
-def first_of(items: Iterable[Any]):
-    for item in items:
-        return item
-    return None

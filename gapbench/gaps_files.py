@@ -1,0 +1,162 @@
+"""The gaps files of an evaluation: the per-datapoint table and its summary, made from the saved batches.
+
+``gaps/<split>.csv`` has one row per datapoint (every estimate, gap, convergence
+and order flag); ``gaps/<split>.json`` the means and standard errors, violations,
+convergence (:mod:`gapbench.convergence`) and its warnings, the settings, the
+provenance (:mod:`gapbench.provenance`) and convergence traces. Both are written
+atomically, and only from batches whose provenance matches the evaluation's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from gapbench.errors import GapbenchError
+from gapbench.gaps import decompose, summarize
+from gapbench.io import load_torch, write_json, write_text
+
+log = logging.getLogger("gapbench.evaluate")  # its warnings read as the evaluation's
+
+GAPS_DIR = "gaps"
+
+
+@dataclass
+class EvalSummary:
+    path: Path
+    split: str
+    summary: Dict
+    reused: bool = False  # True: an up-to-date evaluation was found and nothing was computed
+
+    def summary_line(self) -> str:
+        from gapbench.convergence import summary_text
+
+        s = self.summary["stats"]
+
+        def fmt(key):
+            v = s.get(key)
+            return "n/a" if v is None else f"{v['mean']:.2f} ± {v['se']:.2f}"
+
+        flagged = self.summary["num_order_violations"]
+        conv = summary_text(self.summary.get("convergence", {}))
+        return (
+            f"{self.summary['num_points']} {self.split} points: log p̂(x) {fmt('log_px')}, L[q] {fmt('elbo_q')}, "
+            f"approximation gap {fmt('approximation_gap')}, amortization gap {fmt('amortization_gap')} nats"
+            f"{f'; {flagged} points with bounds in the wrong order (flagged)' if flagged else ''}"
+            f"{f'; {conv}' if conv else ''} -> {self.path}"
+        )
+
+
+def load_batch(path: Path) -> Dict:
+    """A finished (stage, batch) file; a damaged one is named with how to recompute it."""
+    return load_torch(path, what="evaluation batch file",
+                      remedy="delete it and run evaluate-gaps again with --resume, which recomputes that batch only")
+
+
+def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev, provenance) -> EvalSummary:
+    """Assemble gaps/<split>.csv and .json from the saved batches (``part(stage, b)`` names each file).
+
+    Every batch must carry the evaluation's provenance fingerprint; one that does not is an error,
+    so results of two checkpoints, datasets or code versions are never mixed.
+    """
+    from gapbench.convergence import ais_convergence, local_convergence, warnings_for
+
+    columns: Dict[str, List[np.ndarray]] = {}
+    traces: Dict[str, Dict] = {}
+    stage_seconds: Dict[str, float] = {}
+
+    def load(path: Path) -> Dict:
+        saved = load_batch(path)
+        made = (saved.get("provenance") or {}).get("fingerprint")
+        if made != provenance["fingerprint"]:  # never mix results of two checkpoints, datasets or code versions
+            raise GapbenchError(
+                f"{path} was made with other inputs than the rest of this evaluation; "
+                "delete it and run evaluate-gaps again with --resume, which recomputes that batch only"
+            )
+        return saved
+
+    for stage in stages:
+        local_curves = []
+        for b in range(len(batches)):
+            saved = load(part(stage, b))
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + float(saved.get("seconds", 0.0))
+            for k, v in saved["columns"].items():
+                columns.setdefault(k, []).append(v.numpy())
+            if stage.startswith("local_") and saved["traces"]:
+                local_curves.append((saved["traces"]["steps"], saved["traces"]["elbo"]))
+        if local_curves:
+            traces[stage] = _local_trace(local_curves)
+    convergence: Dict = {}
+    if cfg.ais.enabled:
+        sweep = load(part("ais_sweep", 0))["traces"]
+        traces["ais_sweep"] = {"num_steps": sweep["steps"].tolist(), "log_px": sweep["log_px"].T.tolist()}
+        convergence["ais"] = ais_convergence(sweep["steps"].tolist(), sweep["log_px"].numpy(),
+                                             cfg.ais.convergence_tolerance)
+    cols = {k: np.concatenate(v) for k, v in columns.items()}
+    df = decompose(cols, encoder_family, families)
+    df.insert(0, "index", idx.numpy())
+    df.insert(1, "split", cfg.split)
+    summary = summarize(df, encoder_family, families)
+    convergence["local"] = local_convergence(df, families, cfg.local.max_steps)
+    if convergence.get("ais") is None:
+        convergence.pop("ais", None)
+    warnings = warnings_for(convergence)
+    for line in warnings:
+        log.warning("%s", line)
+    out = run.path / GAPS_DIR
+    summary.update(
+        {
+            "run": recipe.name,
+            "dataset": recipe.data.dataset,
+            "split": cfg.split,
+            "seed": recipe.seed,
+            "device": str(dev),
+            "stage_seconds": stage_seconds,
+            "convergence": convergence,
+            "warnings": warnings,
+            "settings": dataclasses.asdict(cfg),
+            "provenance": provenance,
+            "traces": traces,
+        }
+    )
+    write_text(out / f"{cfg.split}.csv", df.to_csv(index=False, float_format="%.6f"))
+    write_json(out / f"{cfg.split}.json", jsonable(summary))
+    return EvalSummary(path=out / f"{cfg.split}.csv", split=cfg.split, summary=summary)
+
+
+def _local_trace(curves) -> Dict:
+    """Per-check ELBO of the local fits: the mean over points still running, and a few single points."""
+    max_k = max(elbo.shape[0] for _, elbo in curves)
+    steps = max(curves, key=lambda c: c[0].shape[0])[0]
+    padded = [torch.nn.functional.pad(e, (0, 0, 0, max_k - e.shape[0]), value=float("nan")) for _, e in curves]
+    elbo = torch.cat(padded, dim=1).numpy()  # [K, N], NaN after a point stopped
+    # Carry each point's last value forward so the mean is over all points at every step.
+    filled = elbo.copy()
+    for k in range(1, filled.shape[0]):
+        gap = np.isnan(filled[k])
+        filled[k, gap] = filled[k - 1, gap]
+    keep = ~np.all(np.isnan(elbo), axis=1)
+    return {
+        "steps": steps.numpy()[: max_k][keep].tolist(),
+        "elbo_mean": np.nanmean(filled, axis=1)[keep].tolist(),
+        "elbo_points": elbo[keep][:, : min(8, elbo.shape[1])].T.tolist(),
+    }
+
+
+def jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (np.floating, np.integer)):
+        return jsonable(obj.item())
+    return obj
