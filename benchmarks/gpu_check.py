@@ -63,6 +63,7 @@ sys.path.insert(0, str(REPO))  # gapbench from this checkout, installed or not
 import torch  # noqa: E402
 
 from gapbench.errors import GapbenchError  # noqa: E402
+from gapbench.gaps_files import jsonable  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "mnist_vae_bdmc.npz"
 SMALL_RECIPE = REPO / "recipes" / "cremer2018-small" / "fashion_ffg.yaml"
@@ -216,15 +217,7 @@ def md_table(head: List[str], rows: List[List[object]]) -> str:
 
 def plain(obj):
     """JSON-ready: tensors to lists, non-finite floats to None."""
-    if isinstance(obj, torch.Tensor):
-        return plain(obj.detach().cpu().tolist())
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    return jsonable(obj)
 
 
 # --------------------------------------------------------------------------- 1. environment

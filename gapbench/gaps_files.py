@@ -151,6 +151,9 @@ def _local_trace(curves) -> Dict:
 
 
 def jsonable(obj):
+    """JSON-ready: tensors and NumPy scalars to Python values, non-finite floats to None (JSON has no NaN)."""
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.detach().cpu().tolist())
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

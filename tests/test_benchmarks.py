@@ -97,14 +97,21 @@ class _WithEncoder(torch.nn.Module):
         return DiagonalGaussian(self.latent_dim).posterior({"mean": mean, "log_var": log_var}, x.shape[0])
 
 
-def test_benchmark_runs_and_prints_every_comparison(model, capsys):
-    wrapped = _WithEncoder(model)
+def _simulator(model):
+    """simulate(num_points, seed) -> (z, x) from the linear-Gaussian model, as bench_model wants."""
 
     def simulate(num_points, seed):
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(num_points, 2, generator=gen, dtype=torch.float64)
         torch.manual_seed(seed)
         return z, model.sample_x(z)
+
+    return simulate
+
+
+def test_benchmark_runs_and_prints_every_comparison(model, capsys):
+    wrapped = _WithEncoder(model)
+    simulate = _simulator(model)
 
     cfg = speed.Config(3, 2, 3, 2, ais_steps=8, ais_chains=4, ais_ladder=(2,), iwae_samples=100,
                        max_steps=60, published_max_steps=60, digits_epochs=1)
@@ -131,12 +138,7 @@ def test_references_on_a_subset_are_scaled_to_all_points(model, monkeypatch):
         return real(model_, x, *args, **kwargs)
 
     monkeypatch.setattr(speed, "fit_local_one_at_a_time", spy)
-
-    def simulate(num_points, seed):
-        gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(num_points, 2, generator=gen, dtype=torch.float64)
-        torch.manual_seed(seed)
-        return z, model.sample_x(z)
+    simulate = _simulator(model)
 
     cfg = speed.Config(4, 2, 4, 2, ais_steps=4, ais_chains=2, ais_ladder=(2,), iwae_samples=50,
                        max_steps=40, published_max_steps=40, digits_epochs=1, reference_points=1)
