@@ -26,7 +26,7 @@ from gapbench.errors import GapbenchError
 from gapbench.experiment import configure_threads, evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
 from gapbench.gaps import local_family_kwargs, local_init, run_ais, run_stage, stage_label, stage_names
 from gapbench.gaps_files import GAPS_DIR, EvalSummary, jsonable, load_batch, write_gaps_files
-from gapbench.io import read_json, remove_stale_temporaries, save_torch, write_json
+from gapbench.io import read_json_or_none, remove_stale_temporaries, save_torch, write_json
 from gapbench.lock import command_line, folder_lock
 from gapbench.recipe import Recipe
 
@@ -131,7 +131,7 @@ def evaluate_run(
             # but the summary judged by them is made again from those batches below.
             if done is not None and done.get("settings") == jsonable(dataclasses.asdict(cfg)):
                 return EvalSummary(path=gaps_dir / f"{cfg.split}.csv", split=cfg.split, summary=done, reused=True)
-        saved = _read_stamp(stamp)
+        saved = read_json_or_none(stamp)
         # A kill during an atomic write leaves its temporary behind; nothing reads it, so clear it.
         remove_stale_temporaries(partial)
         finished = sorted(partial.glob("*.pt")) if partial.is_dir() else []
@@ -146,7 +146,9 @@ def evaluate_run(
             # Without --resume everything is recomputed; but batches that an interrupted evaluation
             # left (ones no gaps file was made from) cost time to redo, so they are never dropped silently.
             reusable = [f for f in finished if f.name.split("-")[1] in keys.values()]
-            if reusable and not restart and not _made_final(final, saved):
+            made_final = saved is not None and _finished_evaluation(
+                final, saved.get("fingerprint"), {s: v.get("key") for s, v in saved.get("stages", {}).items()})
+            if reusable and not restart and not made_final:
                 raise GapbenchError(
                     f"{partial} holds {len(reusable)} finished batches of an interrupted evaluation of these inputs: "
                     "pass --resume to keep them, or --restart to discard them and start over"
@@ -215,7 +217,8 @@ def evaluate_run(
                 if callback:
                     callback(label, finished + 1, num_batches)
 
-        # The stamp now describes exactly the stages the gaps file is made from (see _made_final).
+        # The stamp now describes exactly the stages the gaps file is made from (an interrupted evaluation
+        # is one whose stamp no gaps file matches).
         stages_saved = {s: stages_saved[s] for s in all_stages}
         write_stamp()
         summary = write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev,
@@ -226,39 +229,16 @@ def evaluate_run(
     return summary
 
 
-def _read_stamp(stamp: Path) -> Optional[Dict]:
-    """The partial evaluation's settings.json, or None when it is missing or unreadable."""
-    try:
-        return read_json(stamp)
-    except (OSError, ValueError):
-        return None
-
-
 def _finished_evaluation(final: Path, fingerprint: str, keys: Dict[str, str]) -> Optional[Dict]:
     """The summary in gaps/<split>.json when it (and its CSV) were made from exactly these inputs and settings."""
-    csv = final.with_suffix(".csv")
-    if not final.is_file() or not csv.is_file():
-        return None
-    try:
-        summary = read_json(final)
-    except (OSError, ValueError):
+    summary = read_json_or_none(final) if final.with_suffix(".csv").is_file() else None
+    if not isinstance(summary, dict):
         return None
     p = summary.get("provenance") or {}
     made = {s: v.get("key") for s, v in (p.get("stages") or {}).items()}
     if p.get("fingerprint") != fingerprint or made != keys:
         return None
     return summary
-
-
-def _made_final(final: Path, saved: Optional[Dict]) -> bool:
-    """Whether gaps/<split>.json was made from exactly the partial batches that ``saved`` (its stamp) describes."""
-    if saved is None or not final.is_file():
-        return False
-    try:
-        p = read_json(final).get("provenance") or {}
-    except (OSError, ValueError):
-        return False
-    return p.get("fingerprint") == saved.get("fingerprint") and p.get("stages") == saved.get("stages")
 
 
 def _refresh_report(run_path: Path, split: str) -> None:

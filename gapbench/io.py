@@ -88,6 +88,14 @@ def read_json(path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_json_or_none(path) -> Any:
+    """read_json, or None when the file is missing, unreadable or not JSON (a record to recompute, not an error)."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
 def save_torch(path, obj: Any) -> None:
     """torch.save, atomically. ``obj`` should hold tensors and plain values only."""
     import torch

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import pandas as pd
 
 from gapbench.errors import GapbenchError
-from gapbench.io import read_json, write_bytes, write_text
+from gapbench.io import read_json, read_json_or_none, write_bytes, write_text
 
 ROWS: List[Tuple[str, str, str]] = [
     # (key in the summary, Markdown label, LaTeX label)
@@ -275,11 +275,8 @@ def report_inputs(run_dirs: Sequence[Path], splits: Sequence[str], out_dir: Path
 def report_is_current(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Sequence[str]] = "test") -> bool:
     """Whether ``out_dir`` holds a report made from exactly these runs' current gaps, by this code."""
     splits = [split] if isinstance(split, str) else list(split)
-    try:
-        saved = read_json(Path(out_dir) / REPORT_INPUTS)
-    except (OSError, ValueError):
-        return False
-    return saved == report_inputs(run_dirs, splits, out_dir) and (Path(out_dir) / "table.md").is_file()
+    saved = read_json_or_none(Path(out_dir) / REPORT_INPUTS)
+    return saved is not None and saved == report_inputs(run_dirs, splits, out_dir) and (Path(out_dir) / "table.md").is_file()
 
 
 def rebuild_report(out_dir: Path, default_runs: Sequence[Path], default_split: str) -> List[Path]:

@@ -242,12 +242,9 @@ def train_run(
 
 
 def _read_meta(run_dir: Path) -> Dict:
-    from gapbench.io import read_json
+    from gapbench.io import read_json_or_none
 
-    try:
-        return read_json(run_dir / META_FILE)
-    except (OSError, ValueError):
-        return {}
+    return read_json_or_none(run_dir / META_FILE) or {}
 
 
 def _train_and_record(recipe, run_dir, inputs, model, optimizer, state, dev, callback, resume, prior_meta) -> TrainResult:
