@@ -133,6 +133,7 @@ def run_stage(
             num_final_samples=loc.num_final_samples,
             lr_decay=loc.lr_decay,
             improvement_se=loc.improvement_se,
+            gradient=loc.gradient,
             seed=seed,
             family_kwargs=family_kwargs,
             progress_fn=progress_fn,

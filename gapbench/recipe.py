@@ -125,6 +125,9 @@ class LocalConfig:
     lr_decay: float = field(default=1.0, metadata=_range(lo=0, lo_open=True, hi=1))
     # A check is a new best only if it beats the best by this many standard errors of its average (0: the paper).
     improvement_se: float = field(default=0.0, metadata=_range(lo=0))
+    # The gradient of each step: "total" (the reparameterization gradient, the paper's) or "path"
+    # (its path derivative: the zero-mean score term of log q dropped, less noise near q*).
+    gradient: Literal["total", "path"] = "total"
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,7 @@ def fit_local(
     progress_fn: Optional[ProgressFn] = None,
     lr_decay: float = 1.0,
     improvement_se: float = 0.0,
+    gradient: str = "total",
 ) -> LocalFit:
     """Fit the best member q* of ``family`` to each datapoint's posterior separately.
 
@@ -114,6 +115,9 @@ def fit_local(
         lr_decay: factor on a datapoint's learning rate at each check without a new best (1: constant).
         improvement_se: how many standard errors a check's average must beat the best by to count
             as a new best (0: any improvement, the paper's rule).
+        gradient: "total" (the reparameterization gradient of the ELBO estimate, the paper's) or
+            "path" (its path derivative only: log q's parameters held fixed where it is evaluated,
+            which drops a zero-mean score term; see ``Family.sample_and_path_log_prob``).
         num_final_samples: fresh samples for the final L[q*] (chunked).
         chunk_size: most datapoints optimized at once (None: all); a converged
             datapoint's place is taken by the next waiting one.
@@ -141,6 +145,9 @@ def fit_local(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     capacity = num_points if chunk_size is None else min(chunk_size, num_points)
+    if gradient not in ("total", "path"):
+        raise ValueError(f"gradient must be 'total' or 'path', got {gradient!r}")
+    sample = fam.sample_and_path_log_prob if gradient == "path" else fam.sample_and_log_prob
     report = throttled(progress_fn)
     # Point-steps: every pass of the loop is one step of each active datapoint (one that
     # fails stops at it), so a datapoint's steps when it stops are its t then.
@@ -188,7 +195,7 @@ def fit_local(
         while active.numel() > 0:
             n = active.numel()
             leaf = f_act.requires_grad_(True)
-            z, log_q = fam.sample_and_log_prob(unflatten(leaf, active), num_samples, n)  # [S, n, D], [S, n]
+            z, log_q = sample(unflatten(leaf, active), num_samples, n)  # [S, n, D], [S, n]
             loss = -(log_joint(model, x_act, z) - log_q).mean(0)  # [n]
             (grad,) = torch.autograd.grad(loss.sum(), [leaf], allow_unused=True)
             grad = torch.zeros_like(f_act) if grad is None else grad  # [n, P]

@@ -192,6 +192,20 @@ class Family:
     def log_prob(self, params: Params, z: Tensor) -> Tensor:
         raise NotImplementedError(f"the {self.name} family has no tractable log-density")
 
+    def sample_and_path_log_prob(self, params: Params, num_samples: int, num_points: int) -> Tuple[Tensor, Tensor]:
+        """As :meth:`sample_and_log_prob`, but log q's gradient is its path derivative only.
+
+        log q is evaluated at the reparameterized z with the parameters held fixed
+        (detached), so d/dparams [log p(x, z) - log q(z)] drops the score term
+        E_q[d log q / dparams], which is zero in expectation: the same expected
+        gradient with less variance, none at all when q is the exact posterior
+        ("sticking the landing": Roeder, Wu & Duvenaud 2017). The values equal
+        :meth:`sample_and_log_prob`'s up to rounding. This default needs
+        :meth:`log_prob`; families without a tractable density override it.
+        """
+        z, _ = self.sample_and_log_prob(params, num_samples, num_points)
+        return z, self.log_prob({k: v.detach() for k, v in params.items()}, z)
+
     def posterior(self, params: Params, num_points: Optional[int] = None) -> FamilyPosterior:
         if num_points is None:
             num_points = max(v.shape[0] for v in params.values())
@@ -231,6 +245,10 @@ class DiagonalGaussian(Family):
 
     def log_prob(self, params, z):
         return log_normal(z, params["mean"], params["log_var"])
+
+    def sample_and_path_log_prob(self, params, num_samples, num_points=None):
+        z, _ = self.sample_and_log_prob(params, num_samples, num_points)
+        return z, log_normal(z, params["mean"].detach(), params["log_var"].detach())
 
 
 FAMILIES: Dict[str, type] = {"ffg": DiagonalGaussian}

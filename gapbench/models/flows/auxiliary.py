@@ -96,7 +96,34 @@ class AuxiliaryFlow(FlowFamily):
         log_r = log_normal(v, mean_r, log_var_r)
         return z, log_q_z0 + log_q_v0 - logabsdet - log_r
 
-    def sample_and_log_prob(self, params: Params, num_samples: int, num_points: Optional[int] = None):
+    def _noise(self, params: Params, num_samples: int, num_points: Optional[int]) -> Tuple[Tensor, Tensor]:
         eps_z = self._base_noise(params, num_samples, num_points)
         eps_v = torch.randn(eps_z.shape[:-1] + (self.aux_dim,), device=eps_z.device, dtype=eps_z.dtype)
-        return self.transform_noise(params, eps_z, eps_v)
+        return eps_z, eps_v
+
+    def sample_and_log_prob(self, params: Params, num_samples: int, num_points: Optional[int] = None):
+        return self.transform_noise(params, *self._noise(params, num_samples, num_points))
+
+    def sample_and_path_log_prob(self, params: Params, num_samples: int, num_points: Optional[int] = None):
+        """The bound on log q(zT) with the path derivative only for q's own parameters.
+
+        q(zT, vT) = q(z0) q(v0|z0) / |det| is evaluated at the sampled (zT, vT) with
+        its parameters detached: the couplings are inverted back to (z0, v0), which
+        differ from the sampled ones only by rounding but carry the gradient of
+        (zT, vT). The reverse model r(vT|zT) is not the sampling distribution, so it
+        keeps its full gradient (its parameters are learned through it alone).
+        """
+        eps_z, eps_v = self._noise(params, num_samples, num_points)
+        z0, _ = self._base_sample(params, eps_z)
+        mean_v, log_var_v = self._gaussian(self.q_v, params, z0)
+        v0 = mean_v + torch.exp(0.5 * log_var_v) * eps_v
+        zv, _ = self.transform.forward(params, torch.cat([z0, v0], dim=-1))
+        fixed = {k: v.detach() for k, v in params.items()}
+        zv0, inv_logabsdet = self.transform.inverse(fixed, zv)
+        z0, v0 = zv0[..., : self.latent_dim], zv0[..., self.latent_dim :]
+        log_q_z0 = log_normal(z0, fixed["mean"], fixed["log_var"])
+        mean_v, log_var_v = self._gaussian(self.q_v, fixed, z0)
+        log_q_v0 = log_normal(v0, mean_v, log_var_v)
+        z, v = zv[..., : self.latent_dim], zv[..., self.latent_dim :]
+        mean_r, log_var_r = self._gaussian(self.r_v, params, z)
+        return z, log_q_z0 + log_q_v0 + inv_logabsdet - log_normal(v, mean_r, log_var_r)
