@@ -47,3 +47,29 @@ def adam_update(
     m_hat = m / (1 - b1**t)
     v_hat = v / (1 - b2**t)
     return param - lr * m_hat / (v_hat.sqrt() + eps), m, v
+
+
+def adam_update_(
+    param: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    v: Tensor,
+    step: Tensor,
+    lr,
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> Tensor:
+    """:func:`adam_update` for rows of a flat [n, P] buffer, updating ``m`` and ``v`` in place.
+
+    The same step in fewer passes over the buffer (about 10 instead of 14; a local flow
+    has ~90k parameters per datapoint): the bias corrections are per-row [n, 1] factors
+    applied once, lr / (1 - b1^t) to the step and 1 / (1 - b2^t) inside the root. Returns
+    the new parameters (a new tensor; ``param`` is not modified). ``lr``: a float or [n, 1].
+    """
+    b1, b2 = betas
+    m.mul_(b1).add_(grad, alpha=1 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    t = step.to(param.dtype).unsqueeze(1)  # [n, 1]
+    denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+    update = (m / denom).mul_(lr / (1 - b1**t))
+    return param - update

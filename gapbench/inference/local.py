@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from gapbench.inference._common import check_batch, check_model, float_dtype, log_joint, seeded
-from gapbench.inference.adam import adam_update
+from gapbench.inference.adam import adam_update_
 from gapbench.inference.bounds import elbo_and_stderr
 from gapbench.inference.progress import ProgressFn, throttled
 from gapbench.models.posterior import Family, FamilyPosterior, as_posterior, get_family
@@ -66,6 +66,11 @@ def _per_point(params: Dict[str, Tensor], num_points: int) -> Dict[str, Tensor]:
             v = v.expand((num_points,) + tuple(v.shape[1:])).clone()
         out[k] = v
     return out
+
+
+def _final_seed(seed: int) -> int:
+    """The seed of a fit's final ELBO estimate: another stream than the optimization's."""
+    return (int(seed) ^ 0x5DEECE66D) % (2**63)
 
 
 def fit_local(
@@ -121,7 +126,8 @@ def fit_local(
         num_final_samples: fresh samples for the final L[q*] (chunked).
         chunk_size: most datapoints optimized at once (None: all); a converged
             datapoint's place is taken by the next waiting one.
-        seed: run under this seed without disturbing the global generator.
+        seed: run under this seed without disturbing the global generator. The final estimate
+            uses a stream derived from it alone (common random numbers across fits of the same points).
         family_kwargs: extra arguments for ``get_family`` (e.g. flow sizes).
         progress_fn: None, or called as ``progress_fn(done, total)`` in point-steps (one
             datapoint's one Adam step, or its one rejected step when the loss was not finite):
@@ -200,14 +206,15 @@ def fit_local(
             (grad,) = torch.autograd.grad(loss.sum(), [leaf], allow_unused=True)
             grad = torch.zeros_like(f_act) if grad is None else grad  # [n, P]
             loss = loss.detach()
-            ok = torch.isfinite(loss) & torch.isfinite(grad).all(1)
+            # A row is finite iff its sum is (one pass; float64 so no finite row can overflow).
+            ok = torch.isfinite(loss) & torch.isfinite(grad.sum(1, dtype=torch.float64))
             all_ok = bool(ok.all())
             t = steps[active] + 1
             old = f_act.detach()
             if not all_ok:
                 grad = torch.where(ok[:, None], grad, torch.zeros_like(grad))
             step_lr = lr_now[active].unsqueeze(1) if per_point_lr else lr
-            new, m_act, v_act = adam_update(old, grad, m_act, v_act, t, step_lr)
+            new = adam_update_(old, grad, m_act, v_act, t, step_lr)  # m_act, v_act updated in place
             # A datapoint whose loss or gradient is not finite keeps its last parameters.
             f_act = new if all_ok else torch.where(ok[:, None], new, old)
             steps[active] = torch.where(ok, t, steps[active])
@@ -259,6 +266,9 @@ def fit_local(
 
         params = unflatten(flat, slice(None))
         q_star = fam.posterior({k: v.detach() for k, v in params.items()}, num_points)
+    # The final estimate draws from its own stream, seeded from ``seed`` alone: two fits of the same
+    # points with the same seed (a fast one and its reference) share its noise where their q* agree.
+    with seeded(None if seed is None else _final_seed(seed), device):
         value, stderr = elbo_and_stderr(model, x, q_star, num_final_samples)
 
     finite = torch.isfinite(value) & ~failed
