@@ -15,6 +15,7 @@ shortfall of a single point (target: at most 0.2 nats).
     python benchmarks/evaluation.py --run runs/fashion_ffg --points 25
     python benchmarks/evaluation.py --run R --set evaluate.local.flow_lr=3e-3 --no-reference
     python benchmarks/evaluation.py --profile flow      # per-step cost of the local flow fit against step count
+    python benchmarks/evaluation.py --run R --before    # also the local fits of before the fast procedure: speedups
 
 The reference fits are the slow part (4x the steps); ``--no-reference`` skips them.
 """
@@ -51,12 +52,16 @@ def _run_folder(args) -> Path:
     return out
 
 
-def _setup(run_dir: Path, overrides: List[str], num_points: int):
+def _setup(run_dir: Path, settings: Path, overrides: List[str], num_points: int):
+    """The run's model and the first ``num_points`` evaluation points, with the evaluate section of
+    ``settings`` (a recipe file) and ``overrides`` (as ``evaluate-gaps --recipe FILE --set ...``)."""
     from gapbench.evaluate import select_points
     from gapbench.experiment import evaluation_split, load_inputs, load_trained_model, open_run
+    from gapbench.recipe import load_recipe
 
-    run = open_run(run_dir, overrides)
-    recipe = run.recipe
+    run = open_run(run_dir)
+    recipe = dataclasses.replace(
+        run.recipe, evaluate=load_recipe(settings, overrides, require_data=False).evaluate)
     cfg = recipe.evaluate
     inputs = load_inputs(recipe)
     x_all = evaluation_split(inputs, recipe, cfg.split)
@@ -190,34 +195,72 @@ def profile_fit(recipe, model, x, family: str, window: int = 100) -> str:
     return "\n".join(lines)
 
 
+#: The CPU-budget recipe's local fits before the fast procedure became the default: the paper's
+#: procedure (Adam 1e-3, 50-sample total gradients, checks every 100 steps, patience 10), started at
+#: the encoder's q (FFG) and at q*_FFG (flow).
+BEFORE = ["evaluate.local.procedure=paper", "evaluate.local.init=encoder", "evaluate.local.flow_init=ffg"]
+
+
+def compare_table(before: List[Dict], after: List[Dict]) -> str:
+    """Per stage: seconds, steps, fits converged and the estimate, before and after, and the speedup."""
+    lines = ["| stage | seconds before | seconds after | speedup | mean steps before | after | converged before "
+             "| after | estimate before | after |", "|" + "---|" * 10]
+    old = {r["stage"]: r for r in before}
+    for r in after:
+        b = old.get(r["stage"])
+        if b is None:
+            continue
+
+        def f(row, key, fmt):
+            return format(row[key], fmt) if key in row else ""
+
+        conv = {k: f"{row['converged']}/{row['points']}" if "converged" in row else "" for k, row in (("b", b), ("a", r))}
+        lines.append(f"| {r['stage']} | {b['seconds']:.1f} | {r['seconds']:.1f} | {b['seconds'] / r['seconds']:.1f}x | "
+                     f"{f(b, 'mean_steps', '.0f')} | {f(r, 'mean_steps', '.0f')} | {conv['b']} | {conv['a']} | "
+                     f"{f(b, 'estimate', '.3f')} | {f(r, 'estimate', '.3f')} |")
+    tb, ta = sum(r["seconds"] for r in before), sum(r["seconds"] for r in after)
+    lines.append(f"| **all stages** | **{tb:.1f}** | **{ta:.1f}** | **{tb / ta:.1f}x** | | | | | | |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> List[Dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="a trained run folder (default: train one into --work)")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench"), help="where the benchmark trains its model")
     parser.add_argument("--epochs", type=int, default=50, help="epochs of the model trained here (the recipe: 50)")
+    parser.add_argument("--recipe", default=str(RECIPE), help="the recipe whose evaluate section is timed")
     parser.add_argument("--points", type=int, default=16, help="datapoints (the first of the evaluation's selection)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="evaluate.KEY=VALUE")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-reference", action="store_true", help="skip the 4x-budget reference fits")
+    parser.add_argument("--before", action="store_true",
+                        help="also time every stage with the local fits of before the fast procedure and compare")
     parser.add_argument("--profile", choices=["ffg", "flow"], default=None, help="per-step cost of one local fit")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run_dir = _run_folder(args)
-    recipe, model, x = _setup(run_dir, args.overrides, args.points)
+    recipe, model, x = _setup(run_dir, Path(args.recipe), args.overrides, args.points)
     model.requires_grad_(False)
     print(f"{run_dir}: {args.points} test points, torch {torch.__version__}, {args.threads} thread(s); "
           f"evaluate.local = {dataclasses.asdict(recipe.evaluate.local)}")
     if args.profile:
         print(profile_fit(recipe, model, x, args.profile))
         return []
-    from gapbench.recipe import load_recipe
-
-    own = load_recipe(run_dir / "recipe.yaml").evaluate.local  # the reference: the run's own settings, 4x/2x
+    own = _setup(run_dir, Path(args.recipe), [], 1)[0].evaluate.local  # the reference: the recipe's own, 4x/2x
     rows = evaluate_stages(recipe, model, x, reference=not args.no_reference, reference_local=own)
     print(table(rows))
+    result = {"after": rows}
+    if args.before:
+        old = _setup(run_dir, Path(args.recipe), args.overrides + BEFORE, args.points)[0]
+        print(f"\nbefore: {' '.join('--set ' + b for b in BEFORE)}")
+        before = evaluate_stages(old, model, x, reference=False)
+        print(table(before))
+        print()
+        print(compare_table(before, rows))
+        result["before"] = before
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(result if args.before else rows, indent=2))
     return rows
 
 

@@ -20,7 +20,8 @@ def test_a_recipe_naming_only_its_dataset_resolves_every_default(tmp_path):
     assert r.name == "e"
     assert r.model.latent_dim == 50 and r.model.encoder_hidden == (200, 200)
     assert r.train.adam_eps == 1e-4 and r.train.lr_schedule == "iwae"
-    assert r.evaluate.local.patience == 10 and r.evaluate.ais.num_leapfrog == 10
+    assert r.evaluate.local.procedure == "fast" and r.evaluate.local.gradient == "path"
+    assert r.evaluate.ais.num_leapfrog == 10
     tree = r.to_dict()
     # every field of every section appears in the resolved recipe
     for section in ("data", "model", "train", "evaluate"):

@@ -17,7 +17,8 @@ def evaluation():
 
 
 def test_every_stage_is_timed_and_the_local_fits_meet_their_reference(evaluation, trained_tiny, capsys):
-    rows = evaluation.main(["--run", str(trained_tiny), "--points", "4"])
+    rows = evaluation.main(["--run", str(trained_tiny), "--recipe", str(trained_tiny.parent / "tiny.yaml"),
+                            "--points", "4"])
     assert [r["stage"] for r in rows] == ["amortized", "local_ffg", "local_flow", "iwae", "ais"]
     assert all(r["seconds"] > 0 and r["points"] == 4 for r in rows)
     for r in rows[1:3]:
@@ -30,6 +31,25 @@ def test_every_stage_is_timed_and_the_local_fits_meet_their_reference(evaluation
 
 
 def test_overrides_change_the_fast_fit_but_not_the_reference(evaluation, trained_tiny):
-    rows = evaluation.main(["--run", str(trained_tiny), "--points", "3", "--set", "evaluate.local.max_steps=20"])
+    rows = evaluation.main(["--run", str(trained_tiny), "--recipe", str(trained_tiny.parent / "tiny.yaml"),
+                            "--points", "3", "--set", "evaluate.local.max_steps=20"])
     ffg = rows[1]
-    assert ffg["mean_steps"] <= 20 < ffg["ref_mean_steps"]  # the reference keeps the run's own 200 (x4)
+    assert ffg["mean_steps"] <= 20 < ffg["ref_mean_steps"]  # the reference keeps the recipe's own 200 (x4)
+
+
+def test_before_times_the_papers_local_fits_beside_the_fast_ones(evaluation, trained_tiny, capsys, tmp_path):
+    """--before reruns every stage with the paper's local procedure (from the same starts) and prints
+    the speedup per stage; the two differ in their settings, so in their step counts."""
+    out_json = tmp_path / "rows.json"
+    evaluation.main(["--run", str(trained_tiny), "--recipe", str(trained_tiny.parent / "tiny.yaml"), "--points", "3",
+                     "--no-reference", "--before", "--json", str(out_json)])
+    import json
+
+    result = json.loads(out_json.read_text())
+    before, after = result["before"], result["after"]
+    assert [r["stage"] for r in before] == [r["stage"] for r in after]
+    # The tiny recipe's own local keys (lr, num_samples, check_every, patience) are set in the file and
+    # win over the preset; what --before changes is the gradient, the decay and the stopping threshold.
+    assert any(b["mean_steps"] != a["mean_steps"] for b, a in zip(before[1:3], after[1:3]))
+    out = capsys.readouterr().out
+    assert "speedup" in out and "evaluate.local.procedure=paper" in out
