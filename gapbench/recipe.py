@@ -122,7 +122,7 @@ class LocalConfig:
     lr: float = field(default=1e-2, metadata=_range(lo=0, lo_open=True))
     # Adam's rate for flow families; null = lr.
     flow_lr: Optional[float] = field(default=None, metadata=_range(lo=0, lo_open=True))
-    num_samples: int = field(default=20, metadata=_range(lo=1))
+    num_samples: int = field(default=40, metadata=_range(lo=1))
     check_every: int = field(default=50, metadata=_range(lo=1))
     patience: int = field(default=5, metadata=_range(lo=1))
     max_steps: int = field(default=20000, metadata=_range(lo=1))
