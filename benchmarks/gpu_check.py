@@ -828,7 +828,7 @@ def readme(results: Dict, args, sizes: Sizes, final: bool = True) -> str:
             lines += [paper_tables(p), ""]
     sp = results.get("speed")
     if sp:
-        lines += ["## speed.py (`make bench`) on this device", "", speed_section(sp), ""]
+        lines += ["## speed.py (`make bench-speed`) on this device", "", speed_section(sp), ""]
     return "\n".join(lines)
 
 

@@ -127,7 +127,7 @@ def run_stage(
             init=init,
             lr=loc.lr if family == "ffg" or loc.flow_lr is None else loc.flow_lr,
             num_samples=loc.num_samples,
-            check_every=loc.check_every,
+            check_every=loc.check_every if family == "ffg" or loc.flow_check_every is None else loc.flow_check_every,
             patience=loc.patience,
             max_steps=loc.max_steps,
             num_final_samples=loc.num_final_samples,

@@ -109,7 +109,7 @@ class TrainConfig:
 #: stop after 10 averages without a new best. ``evaluate.local.procedure: paper`` gives these
 #: values to every key of evaluate.local that the recipe leaves unset.
 PAPER_LOCAL: Dict[str, Any] = {
-    "lr": 1e-3, "flow_lr": None, "num_samples": 50, "check_every": 100, "patience": 10,
+    "lr": 1e-3, "flow_lr": None, "num_samples": 50, "check_every": 100, "flow_check_every": None, "patience": 10,
     "init": "prior", "flow_init": "prior", "gradient": "total", "lr_decay": 1.0, "improvement_se": 0.0,
 }
 
@@ -123,7 +123,10 @@ class LocalConfig:
     # Adam's rate for flow families; null = lr.
     flow_lr: Optional[float] = field(default=None, metadata=_range(lo=0, lo_open=True))
     num_samples: int = field(default=40, metadata=_range(lo=1))
-    check_every: int = field(default=50, metadata=_range(lo=1))
+    # Every check_every steps a fit's loss is averaged (its stopping rule's window); flow families
+    # use flow_check_every (null = check_every). A longer window sees slower progress through the noise.
+    check_every: int = field(default=100, metadata=_range(lo=1))
+    flow_check_every: Optional[int] = field(default=50, metadata=_range(lo=1))
     patience: int = field(default=5, metadata=_range(lo=1))
     max_steps: int = field(default=20000, metadata=_range(lo=1))
     num_final_samples: int = field(default=1000, metadata=_range(lo=1))

@@ -77,7 +77,7 @@ def test_quick_run_on_a_cpu_writes_every_file_with_finite_numbers(tmp_path):
 
     readme = (folder / "README.md").read_text()
     for heading in ("## Environment", "## The CPU-budget model", "## Compiled AIS against eager",
-                    "## AIS at the paper's settings beside the CPU budget's", "## speed.py (`make bench`) on this device",
+                    "## AIS at the paper's settings beside the CPU budget's", "## speed.py (`make bench-speed`) on this device",
                     "| model | points x chains |", "| AIS | settings | points |", "| test index | paper log p^ |",
                     "--quick: a training subset"):
         assert heading in readme

@@ -52,3 +52,27 @@ def test_the_full_table2_recipes_use_the_paper_and_the_cpu_budget_the_fast_fits(
     small = load_recipe(REPO / "recipes" / "cremer2018-small" / "fashion_ffg.yaml", require_data=False).evaluate.local
     assert full.procedure == "paper" and full.gradient == "total" and full.init == "prior"
     assert small.procedure == "fast" and small.gradient == "path" and small.init == "encoder"
+
+
+def test_flows_check_on_their_own_window():
+    """local.check_every is the FFG's window, local.flow_check_every the flows' (null: the same)."""
+    import dataclasses
+
+    from gapbench.gaps import run_stage
+    from gapbench.recipe import EvaluateConfig
+    from tests.inference.conftest import make_linear_gaussian, simulate
+
+    model = make_linear_gaussian()
+    x = simulate(model, 3)
+    local = dataclasses.replace(LocalConfig(), check_every=7, flow_check_every=3, patience=2, max_steps=300,
+                                num_samples=10, num_final_samples=50)
+    cfg = EvaluateConfig(local=local)
+    kwargs = {"num_flow_steps": 1, "flow_hidden": 4}
+    ffg, _ = run_stage("local_ffg", model, x, cfg, seed=0)
+    flow, _ = run_stage("local_flow", model, x, cfg, seed=0, family_kwargs=kwargs)
+    assert ffg["converged_ffg"].all() and flow["converged_flow"].all()
+    assert (ffg["steps_ffg"] % 7 == 0).all() and (flow["steps_flow"] % 3 == 0).all()
+    assert not (flow["steps_flow"] % 7 == 0).all()
+    same = EvaluateConfig(local=dataclasses.replace(local, flow_check_every=None))
+    flow7, _ = run_stage("local_flow", model, x, same, seed=0, family_kwargs=kwargs)
+    assert (flow7["steps_flow"] % 7 == 0).all()
