@@ -88,8 +88,83 @@ class ModelConfig:
     conv_channels: Tuple[int, ...] = (64, 128, 256)
 
 
+# ---------------------------------------------------------------- training methods' own settings
+# One section per method under train (train.svi.num_steps, ...); each default is the paper's, with
+# where it comes from. A method reads only its own section; the others keep their defaults.
+
+
+@dataclass(frozen=True)
+class SVIConfig:
+    """Krishnan, Liang & Hoffman 2018: SVI steps from the encoder's output before each decoder update."""
+
+    num_steps: int = field(default=100, metadata=_range(lo=1))
+    lr: float = field(default=1e-2, metadata=_range(lo=0, lo_open=True))
+    num_samples: int = field(default=1, metadata=_range(lo=1))
+
+
+@dataclass(frozen=True)
+class SAVAEConfig:
+    """Kim, Wiseman, Miller, Sontag & Rush 2018: SGD with momentum from the encoder's output,
+    backpropagated through for the encoder's update."""
+
+    num_steps: int = field(default=20, metadata=_range(lo=1))
+    lr: float = field(default=1.0, metadata=_range(lo=0, lo_open=True))
+    momentum: float = field(default=0.5, metadata=_range(lo=0, hi=1))
+    max_grad_norm: Optional[float] = field(default=5.0, metadata=_range(lo=0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class IterativeConfig:
+    """Marino, Yue & Mandt 2018: a learned update of q's parameters from their ELBO gradient, T times."""
+
+    num_steps: int = field(default=5, metadata=_range(lo=1))
+    hidden: int = field(default=512, metadata=_range(lo=1))
+
+
+@dataclass(frozen=True)
+class AggressiveConfig:
+    """He, Spokoyny, Neubig & Berg-Kirkpatrick 2019: encoder updates until its objective stops improving
+    before each decoder update, while the mutual information I(x; z) on validation data still rises."""
+
+    max_inner_steps: int = field(default=100, metadata=_range(lo=1))
+
+
+@dataclass(frozen=True)
+class HMCConfig:
+    """Hoffman 2017: z ~ q refined by HMC targeting p(z|x) before the decoder's update."""
+
+    num_steps: int = field(default=10, metadata=_range(lo=1))
+    num_leapfrog: int = field(default=5, metadata=_range(lo=1))
+    step_size: float = field(default=0.05, metadata=_range(lo=0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class AIRConfig:
+    """Shu, Bui, Zhao, Kochenderfer & Ermon 2018: amortized inference regularization."""
+
+    kind: Literal["denoise", "lipschitz"] = "denoise"
+    noise_std: float = field(default=0.1, metadata=_range(lo=0))
+    lipschitz: float = field(default=1.0, metadata=_range(lo=0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class BSVIConfig:
+    """Shu, Bui, Zhao, Kochenderfer & Ermon 2019: the SVI trajectory's proposals importance-weighted
+    into a buffered bound that trains the decoder."""
+
+    num_steps: int = field(default=10, metadata=_range(lo=1))
+    lr: float = field(default=1e-2, metadata=_range(lo=0, lo_open=True))
+
+
+METHOD_NAMES = ("vae", "iwae", "svi", "savae", "iterative", "aggressive", "hmc", "air", "bsvi")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    # How the VAE is trained (README, "Training methods"); each method's settings are its own section below.
+    method: Literal["vae", "iwae", "svi", "savae", "iterative", "aggressive", "hmc", "air", "bsvi"] = "vae"
+    # The bound of the plain VAE: "iwae" here is method iwae (kept so recipes and runs of before
+    # train.method still load); other methods take it as "elbo".
     objective: Literal["elbo", "iwae"] = "elbo"
     num_samples: int = field(default=1, metadata=_range(lo=1))
     batch_size: int = field(default=100, metadata=_range(lo=1))
@@ -102,6 +177,13 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata=_range(lo=1))
     max_grad_norm: Optional[float] = field(default=None, metadata=_range(lo=0, lo_open=True))
     checkpoint_every: int = field(default=1, metadata=_range(lo=1))
+    svi: SVIConfig = SVIConfig()
+    savae: SAVAEConfig = SAVAEConfig()
+    iterative: IterativeConfig = IterativeConfig()
+    aggressive: AggressiveConfig = AggressiveConfig()
+    hmc: HMCConfig = HMCConfig()
+    air: AIRConfig = AIRConfig()
+    bsvi: BSVIConfig = BSVIConfig()
 
 
 #: The local optimization of Cremer, Li & Duvenaud (2018), section 5: Adam at 1e-3 from the prior on
@@ -307,6 +389,13 @@ def _build(cls, mapping: Mapping, prefix: str = ""):
 
 def _check_consistency(recipe: Recipe) -> None:
     m, d = recipe.model, recipe.data
+    if recipe.train.objective == "iwae" and recipe.train.method not in ("vae", "iwae"):
+        raise _key_error(
+            "train.objective",
+            f"'iwae' is the bound of methods vae and iwae, not of {recipe.train.method!r}; "
+            "set train.objective to elbo (or train.method to iwae)",
+            ("train.method",),
+        )
     if m.likelihood in ("categorical", "logistic") and d.quantize_bits is None:
         raise _key_error(
             "model.likelihood",
