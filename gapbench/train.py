@@ -34,7 +34,7 @@ from gapbench.experiment import (
     resolve_device,
     training_batch,
 )
-from gapbench.methods import NonFiniteLoss, build_method
+from gapbench.methods import NonFiniteLoss, build_method, get_method, method_name
 from gapbench.io import (
     load_torch,
     output_dir,
@@ -201,6 +201,9 @@ def train_run(
             # A killed write leaves its temporary beside the target; this run's files are rewritten below.
             remove_stale_temporaries(run_dir, [RECIPE_FILE, CHECKPOINT_FILE, TRAIN_LOG_FILE, META_FILE])
 
+            problem = get_method(method_name(t)).check(recipe)
+            if problem:
+                raise GapbenchError(f"train.method {method_name(t)}: {problem}")
             inputs = load_inputs(recipe)
             check_before_training(recipe, inputs, dev)
             configure_threads(recipe)
@@ -303,6 +306,7 @@ def _train_epochs(recipe: Recipe, inputs: Inputs, model, method, state, run_dir:
         epoch = state["epoch"]
         lr = learning_rate(epoch, t.lr, t.lr_schedule)
         method.set_lr(lr)
+        method.begin_epoch(epoch + 1, inputs, dev)
         order = torch.randperm(n, generator=_epoch_generator(recipe.seed, epoch, 0))
         binarize_gen = _epoch_generator(recipe.seed, epoch, 1)
         model.train()

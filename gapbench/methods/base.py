@@ -100,6 +100,10 @@ class Method:
         """Update the model on minibatch ``x``; ``beta`` is the KL warm-up weight (1 after warm-up)."""
         raise NotImplementedError
 
+    def begin_epoch(self, epoch: int, inputs, device) -> None:
+        """Called before each epoch's first step (1-based ``epoch``), resumed runs included: a method that
+        needs the data beyond the minibatch (fresh minibatches for an inner loop) keeps ``inputs``."""
+
     def end_epoch(self, epoch: int, inputs, device) -> Dict[str, float]:
         """Called after each epoch (1-based ``epoch``); may change the method's state. Default: nothing."""
         return {}
