@@ -5,6 +5,8 @@ stage (one estimator) runs over batches of them; every finished (stage, batch)
 is saved at once under ``gaps/.partial/<split>/``, so ``--resume`` recomputes
 nothing that finished. Each (stage, batch) runs under its own seed, so a
 resumed evaluation gives exactly the numbers of an uninterrupted one on CPU.
+A run trained with a method that refines the encoder's q at test time
+(``Method.refines``) gets the stage "refined", L[q_refined], after the amortized one.
 The outputs ``gaps/<split>.csv`` (one row per datapoint) and
 ``gaps/<split>.json`` (summary, settings, convergence traces) are written
 atomically at the end.
@@ -24,7 +26,7 @@ import torch
 
 from gapbench.errors import GapbenchError
 from gapbench.experiment import configure_threads, evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
-from gapbench.gaps import local_family_kwargs, local_init, run_ais, run_stage, stage_label, stage_names
+from gapbench.gaps import local_family_kwargs, local_init, run_ais, run_refined, run_stage, stage_label, stage_names
 from gapbench.gaps_files import GAPS_DIR, EvalSummary, jsonable, load_batch, write_gaps_files
 from gapbench.io import read_json_or_none, remove_stale_temporaries, save_torch, write_json
 from gapbench.lock import command_line, folder_lock
@@ -109,10 +111,13 @@ def evaluate_run(
     check_memory(recipe, inputs, dev)
     model = load_trained_model(run, inputs, dev)
     encoder_family = recipe.model.encoder
-    stages = stage_names(cfg, encoder_family)
+    from gapbench.methods import build_method, get_method, method_name
+
+    refines = bool(getattr(get_method(method_name(recipe.train)), "refines", False))
+    stages = stage_names(cfg, encoder_family, refines=refines)
     families = [s.split("_", 1)[1] for s in stages if s.startswith("local_")]
     all_stages = stages + (["ais_sweep"] if cfg.ais.enabled else [])
-    stage_settings = {stage: _stage_settings(stage, cfg) for stage in all_stages}
+    stage_settings = {stage: _stage_settings(stage, cfg, recipe.train) for stage in all_stages}
     keys = {stage: prov.fingerprint({"stage": stage, **stage_settings[stage]})[:8] for stage in all_stages}
 
     # What every result depends on besides its stage's settings: the checkpoint, the data
@@ -165,6 +170,7 @@ def evaluate_run(
                                "stages": stages_saved})
 
         batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+        method = None  # the training method, built when the refined stage first needs it
         for stage in all_stages:
             label = stage_label(stage) if stage != "ais_sweep" else "AIS convergence sweep"
             # This stage's batches made with other settings: say what changed, then drop them.
@@ -196,6 +202,15 @@ def evaluate_run(
                     xb = x_all[batches[0][:AIS_SWEEP_POINTS]].to(dev)
                     init = _ais_start(cfg, model, xb, ffg_part)
                     result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress)}
+                elif stage == "refined":
+                    xb = x_all[batches[b]].to(dev)
+                    if method is None:
+                        method = build_method(model, recipe.train)
+                    torch.manual_seed(seed)  # as every stage: the refinement may draw samples
+                    cols, family = run_refined(method, model, xb, cfg)
+                    progress(1, 1)
+                    result = {"columns": {k: v.detach().double().cpu() for k, v in cols.items()}, "traces": {},
+                              "refined_family": family}
                 else:
                     xb = x_all[batches[b]].to(dev)
                     fam_kwargs, init = None, None
@@ -250,10 +265,23 @@ def _refresh_report(run_path: Path, split: str) -> None:
         rebuild_report(out, default_runs=[run_path], default_split=split)
 
 
-def _stage_settings(stage: str, cfg) -> Dict:
-    """The settings a stage's results depend on (its key is a hash of them)."""
+def _stage_settings(stage: str, cfg, train_cfg=None) -> Dict:
+    """The settings a stage's results depend on (its key is a hash of them).
+
+    The refined stage depends on what its training method is built from: the method, its own
+    section of the train settings (``train.<method>``) and the train section's plain keys.
+    """
     if stage == "amortized":
         return {"elbo_samples": cfg.elbo_samples}
+    if stage == "refined":
+        from gapbench.methods import method_name, method_settings
+
+        section = method_settings(train_cfg)
+        plain = {f.name: getattr(train_cfg, f.name) for f in dataclasses.fields(train_cfg)
+                 if not dataclasses.is_dataclass(getattr(train_cfg, f.name))}
+        return {"elbo_samples": cfg.elbo_samples, "method": method_name(train_cfg),
+                "settings": None if section is None else jsonable(dataclasses.asdict(section)),
+                "train": jsonable(plain)}
     if stage == "iwae":
         return {"iwae_samples": cfg.iwae_samples}
     if stage in ("ais", "ais_sweep"):

@@ -123,11 +123,14 @@ def build_model(recipe: Recipe, inputs: Inputs):
     """The VAE the recipe's ``model`` section describes, for these inputs."""
     from gapbench.models.vae import build_vae
 
+    from gapbench.methods import prepare_model
+
     kwargs = dataclasses.asdict(recipe.model)
     try:
-        return build_vae(inputs.image_shape, num_levels=inputs.num_levels, **kwargs)
+        model = build_vae(inputs.image_shape, num_levels=inputs.num_levels, **kwargs)
     except ValueError as exc:
         raise RecipeError(f"model: {exc}") from None
+    return prepare_model(model, recipe.train)  # what the training method adds (an update network, ...)
 
 
 @dataclass

@@ -3,6 +3,8 @@
 For each datapoint x, on the same datapoints throughout:
 
     L[q]        ELBO of the amortized encoder                 (many samples)
+    L[q_refined] ELBO of the training method's test-time refinement of q
+                (only for methods that have one, e.g. SVI from the encoder's output)
     L[q*_F]     ELBO of the best member of family F for x alone (fit_local)
     IWAE_k      importance-weighted bound with q as proposal
     AIS         annealed importance sampling with HMC
@@ -12,7 +14,13 @@ For each datapoint x, on the same datapoints throughout:
     amortization gap  = L[q*] − L[q]         (the encoder misses the best member)
     inference gap     = log p̂(x) − L[q]     (their sum)
 
-where q* is of the encoder's own family. Every estimate is a stochastic bound;
+where q* is of the encoder's own family. With a refinement, the amortization gap
+splits into the part it closes and the part that remains:
+
+    refinement gain            = L[q_refined] − L[q]
+    remaining amortization gap = L[q*] − L[q_refined]
+
+Every estimate is a stochastic bound;
 a gap that comes out negative (bounds in the wrong order) is kept, flagged and
 counted, never clipped.
 
@@ -34,15 +42,16 @@ from gapbench.recipe import EvaluateConfig
 Columns = Dict[str, torch.Tensor]
 
 
-def stage_names(cfg: EvaluateConfig, encoder_family: str) -> List[str]:
-    """The stages an evaluation runs: amortized ELBO, one local fit per family, IWAE, AIS.
+def stage_names(cfg: EvaluateConfig, encoder_family: str, refines: bool = False) -> List[str]:
+    """The stages an evaluation runs: amortized ELBO, the refined ELBO (``refines``: the training
+    method has a test-time refinement), one local fit per family, IWAE, AIS.
 
     The FFG fit comes first when flows start from it (``local.flow_init: ffg``).
     """
     families = list(dict.fromkeys(list(cfg.families) + [encoder_family]))
     if cfg.local.flow_init == "ffg" and any(f != "ffg" for f in families):
         families = ["ffg"] + [f for f in families if f != "ffg"]
-    names = ["amortized"] + [f"local_{f}" for f in families] + ["iwae"]
+    names = ["amortized"] + (["refined"] if refines else []) + [f"local_{f}" for f in families] + ["iwae"]
     if cfg.ais.enabled:
         names.append("ais")
     return names
@@ -51,6 +60,7 @@ def stage_names(cfg: EvaluateConfig, encoder_family: str) -> List[str]:
 def stage_label(stage: str) -> str:
     return {
         "amortized": "L[q] (amortized)",
+        "refined": "L[q_refined] (test-time refinement)",
         "iwae": "IWAE",
         "ais": "AIS",
     }.get(stage, f"L[q*_{_FAMILY_NAMES.get(stage.split('_', 1)[-1], stage.split('_', 1)[-1])}] (local)")
@@ -83,10 +93,12 @@ def run_stage(
     family_kwargs: Optional[Dict] = None,
     init=None,
     progress_fn: Optional[Callable[[int, int], None]] = None,
+    method=None,
 ) -> Tuple[Columns, Dict[str, torch.Tensor]]:
     """Run one stage on a batch x [N, ...]: per-datapoint columns [N] and small traces.
 
     ``init`` (local stages) is the posterior a local fit starts from; None is the prior.
+    ``method`` (the refined stage) is the training method whose ``refine`` gives q_refined.
     ``progress_fn(done, total)`` reports progress within the batch: passed on to fit_local
     (point-steps) and ais (transitions); the amortized and IWAE stages call it once, (1, 1), at the end.
     Local FFG fits also return their parameters (``ffg_mean``, ``ffg_log_var``) in the traces,
@@ -103,6 +115,11 @@ def run_stage(
         if progress_fn is not None:
             progress_fn(1, 1)
         return {"elbo_q": value, "elbo_q_se": stderr}, {}
+    if stage == "refined":
+        cols, _ = run_refined(method, model, x, cfg)
+        if progress_fn is not None:
+            progress_fn(1, 1)
+        return cols, {}
     if stage == "iwae":
         with torch.no_grad():
             value = iwae(model, x, model.posterior(x), num_samples=cfg.iwae_samples, seed=seed)
@@ -151,6 +168,34 @@ def run_stage(
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def run_refined(method, model, x: torch.Tensor, cfg: EvaluateConfig) -> Tuple[Columns, Optional[str]]:
+    """L[q_refined] [N] and its Monte Carlo standard error from ``cfg.elbo_samples`` samples, and
+    the family of q_refined ("ffg", ...; None when it is no family's member).
+
+    q_refined = ``method.refine(x)``: the encoder's q followed by the method's own refinement, which
+    may take gradients. It runs under the caller's seed. A refinement must leave the model as it
+    found it (every later stage evaluates the same model): one that changes it is an error.
+    """
+    from gapbench.errors import GapbenchError
+    from gapbench.inference.bounds import elbo_and_stderr
+    from gapbench.models.posterior import as_posterior
+
+    if method is None or not getattr(method, "refines", False):
+        raise ValueError("the refined stage needs a training method with a test-time refinement")
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    q = as_posterior(method.refine(x)).detach()
+    model.zero_grad(set_to_none=True)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    if changed:
+        raise GapbenchError(
+            f"method {method.name!r}: refine() changed the model ({', '.join(changed[:3])}"
+            f"{' and more' if len(changed) > 3 else ''}); a refinement may update q only"
+        )
+    value, stderr = elbo_and_stderr(model, x, q, cfg.elbo_samples)
+    family = getattr(getattr(q, "family", None), "name", None) or None
+    return {"elbo_refined": value, "elbo_refined_se": stderr}, family
+
+
 def run_ais(model, x: torch.Tensor, cfg: EvaluateConfig, seed: int, num_steps: Optional[int] = None, init=None,
             progress_fn: Optional[Callable[[int, int], None]] = None):
     """AIS with the evaluation's settings (``num_steps`` overrides the recipe's); ``progress_fn`` as in :func:`ais`.
@@ -186,18 +231,35 @@ def _per_point(value, n: int) -> torch.Tensor:
     return t
 
 
-def order_pairs(encoder_family: str, families: Sequence[str]) -> List[Tuple[str, str, str]]:
+def order_pairs(encoder_family: str, families: Sequence[str], refined: bool = False,
+                refined_family: Optional[str] = None) -> List[Tuple[str, str, str]]:
     """The bound orders to check, as (name, lower column, higher column).
 
     L[q*] <= log p̂(x) for every family; L[q] <= L[q*] for the families that contain
-    the encoder's (:func:`contains_encoder_family`).
+    the encoder's (:func:`contains_encoder_family`). With a refinement (``refined``):
+    L[q_refined] <= log p̂(x) always; and when q_refined is a member of ``refined_family``,
+    L[q] <= L[q_refined] if that family contains the encoder's (a refinement of q is meant to
+    improve it), and L[q_refined] <= L[q*] for each family that contains ``refined_family``.
     """
     pairs = []
-    for fam in dict.fromkeys(list(families) + [encoder_family]):
+    all_families = list(dict.fromkeys(list(families) + [encoder_family]))
+    if refined and refined_family is not None and contains_encoder_family(refined_family, encoder_family):
+        pairs.append(("elbo_q > elbo_refined", "elbo_q", "elbo_refined"))
+    for fam in all_families:
         if contains_encoder_family(fam, encoder_family):
             pairs.append((f"elbo_q > elbo_{fam}", "elbo_q", f"elbo_{fam}"))
+        if refined and refined_family is not None and contains_family(fam, refined_family):
+            pairs.append((f"elbo_refined > elbo_{fam}", "elbo_refined", f"elbo_{fam}"))
         pairs.append((f"elbo_{fam} > log_px", f"elbo_{fam}", "log_px"))
+    if refined:
+        pairs.append(("elbo_refined > log_px", "elbo_refined", "log_px"))
     return pairs
+
+
+def contains_family(family: str, member: str) -> bool:
+    """Whether every member of family ``member`` is a member of ``family``: itself, and the FFG
+    in every family here."""
+    return family == member or member == "ffg"
 
 
 def contains_encoder_family(family: str, encoder_family: str) -> bool:
@@ -208,11 +270,16 @@ def contains_encoder_family(family: str, encoder_family: str) -> bool:
     encoder's model may well fall below the flow q (Cremer et al.: the decoder adapts to
     its encoder's family), so that is no violation.
     """
-    return family == encoder_family or encoder_family == "ffg"
+    return contains_family(family, encoder_family)
 
 
-def decompose(columns: Dict[str, np.ndarray], encoder_family: str, families: Sequence[str]) -> pd.DataFrame:
-    """Per-datapoint table of every estimate and gap, with flags for bounds in the wrong order."""
+def decompose(columns: Dict[str, np.ndarray], encoder_family: str, families: Sequence[str],
+              refined_family: Optional[str] = None) -> pd.DataFrame:
+    """Per-datapoint table of every estimate and gap, with flags for bounds in the wrong order.
+
+    With an ``elbo_refined`` column (a method's test-time refinement, of ``refined_family``),
+    the amortization gap splits into ``refinement_gain`` and ``remaining_amortization_gap``.
+    """
     df = pd.DataFrame({k: np.asarray(v, dtype=np.float64) for k, v in columns.items()})
     bounds = [c for c in ("iwae", "ais") if c in df]
     df["log_px"] = df[bounds].max(axis=1, skipna=False)
@@ -223,20 +290,26 @@ def decompose(columns: Dict[str, np.ndarray], encoder_family: str, families: Seq
     for fam in families:
         df[f"approximation_gap_{fam}"] = df["log_px"] - df[f"elbo_{fam}"]
         df[f"amortization_gap_{fam}"] = df[f"elbo_{fam}"] - df["elbo_q"]
-    estimates = ["elbo_q", own, "log_px"] + [f"elbo_{f}" for f in families]
+    refined = "elbo_refined" in df
+    if refined:  # amortization gap = refinement gain + remaining amortization gap
+        df["refinement_gain"] = df["elbo_refined"] - df["elbo_q"]
+        df["remaining_amortization_gap"] = df[own] - df["elbo_refined"]
+    estimates = ["elbo_q", own, "log_px"] + [f"elbo_{f}" for f in families] + (["elbo_refined"] if refined else [])
     df["finite"] = np.isfinite(df[list(dict.fromkeys(estimates))]).all(axis=1)
     # The order L[q] <= L[q*] <= log p̂(x), per family; violations are kept, flagged and counted.
     order_ok = np.ones(len(df), dtype=bool)
-    for _, low, high in order_pairs(encoder_family, families):
+    for _, low, high in order_pairs(encoder_family, families, refined, refined_family):
         order_ok &= (df[high] >= df[low]).to_numpy() | ~df["finite"].to_numpy()
     df["order_ok"] = order_ok
     return df
 
 
-SUMMARY_QUANTITIES = ["log_px", "iwae", "ais", "elbo_q", "approximation_gap", "amortization_gap", "inference_gap"]
+SUMMARY_QUANTITIES = ["log_px", "iwae", "ais", "elbo_q", "elbo_refined", "approximation_gap", "amortization_gap",
+                      "refinement_gain", "remaining_amortization_gap", "inference_gap"]
 
 
-def summarize(df: pd.DataFrame, encoder_family: str, families: Sequence[str]) -> Dict:
+def summarize(df: pd.DataFrame, encoder_family: str, families: Sequence[str],
+              refined_family: Optional[str] = None) -> Dict:
     """Mean and standard error of every quantity over the finite datapoints, and the violations.
 
     Gaps are differences taken per datapoint, so their standard errors are paired
@@ -258,7 +331,7 @@ def summarize(df: pd.DataFrame, encoder_family: str, families: Sequence[str]) ->
             "n": int(n),
         }
     violations = {}
-    for name, low, high in order_pairs(encoder_family, families):
+    for name, low, high in order_pairs(encoder_family, families, "elbo_refined" in df, refined_family):
         diff = (ok[low] - ok[high]).to_numpy()
         bad = diff[diff > 0]
         violations[name] = {

@@ -46,9 +46,11 @@ class EvalSummary:
 
         flagged = self.summary["num_order_violations"]
         conv = summary_text(self.summary.get("convergence", {}))
+        refined = (f" ({fmt('refinement_gain')} closed by refinement, {fmt('remaining_amortization_gap')} remaining)"
+                   if "refinement_gain" in s else "")
         return (
             f"{self.summary['num_points']} {self.split} points: log p̂(x) {fmt('log_px')}, L[q] {fmt('elbo_q')}, "
-            f"approximation gap {fmt('approximation_gap')}, amortization gap {fmt('amortization_gap')} nats"
+            f"approximation gap {fmt('approximation_gap')}, amortization gap {fmt('amortization_gap')}{refined} nats"
             f"{f'; {flagged} points with bounds in the wrong order (flagged)' if flagged else ''}"
             f"{f'; {conv}' if conv else ''} -> {self.path}"
         )
@@ -64,13 +66,15 @@ def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_f
     """Assemble gaps/<split>.csv and .json from the saved batches (``part(stage, b)`` names each file).
 
     Every batch must carry the evaluation's provenance fingerprint; one that does not is an error,
-    so results of two checkpoints, datasets or code versions are never mixed.
+    so results of two checkpoints, datasets or code versions are never mixed. A "refined" stage
+    (a method's test-time refinement) adds L[q_refined] and the split of the amortization gap.
     """
     from gapbench.convergence import ais_convergence, local_convergence, warnings_for
 
     columns: Dict[str, List[np.ndarray]] = {}
     traces: Dict[str, Dict] = {}
     stage_seconds: Dict[str, float] = {}
+    refined_families = set()  # of q_refined, per batch of the refined stage
 
     def load(path: Path) -> Dict:
         saved = load_batch(path)
@@ -89,6 +93,8 @@ def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_f
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + float(saved.get("seconds", 0.0))
             for k, v in saved["columns"].items():
                 columns.setdefault(k, []).append(v.numpy())
+            if stage == "refined":
+                refined_families.add(saved.get("refined_family"))
             if stage.startswith("local_") and saved["traces"]:
                 local_curves.append((saved["traces"]["steps"], saved["traces"]["elbo"]))
         if local_curves:
@@ -100,10 +106,16 @@ def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_f
         convergence["ais"] = ais_convergence(sweep["steps"].tolist(), sweep["log_px"].numpy(),
                                              cfg.ais.convergence_tolerance)
     cols = {k: np.concatenate(v) for k, v in columns.items()}
-    df = decompose(cols, encoder_family, families)
+    # The family of q_refined decides which bound orders it must keep; batches that disagree leave it unknown.
+    refined_family = refined_families.pop() if len(refined_families) == 1 else None
+    df = decompose(cols, encoder_family, families, refined_family)
     df.insert(0, "index", idx.numpy())
     df.insert(1, "split", cfg.split)
-    summary = summarize(df, encoder_family, families)
+    summary = summarize(df, encoder_family, families, refined_family)
+    if "refined" in stages:
+        from gapbench.methods import method_name
+
+        summary["refinement"] = {"method": method_name(recipe.train), "family": refined_family}
     convergence["local"] = local_convergence(df, families, cfg.local.max_steps)
     if convergence.get("ais") is None:
         convergence.pop("ais", None)

@@ -88,8 +88,146 @@ class ModelConfig:
     conv_channels: Tuple[int, ...] = (64, 128, 256)
 
 
+# ---------------------------------------------------------------- training methods' own settings
+# One section per method under train (train.svi.num_steps, ...); each default is the paper's, with
+# where it comes from. A method reads only its own section; the others keep their defaults.
+
+
+@dataclass(frozen=True)
+class SVIConfig:
+    """Krishnan, Liang & Hoffman 2018: SVI steps from the encoder's output before each decoder update."""
+
+    # Adam steps on each datapoint's (mean, log_var) per minibatch, and at test time (refine): M = 100,
+    # every experiment of the authors' code (rahulk90/vae_sparse, expt/setupExperiments.py: -ns 100).
+    num_steps: int = field(default=100, metadata=_range(lo=1))
+    # Adam's rate for those steps: --param_lr 0.01, the code's default (optvaeutils/parse_args.py),
+    # which no experiment changes (its own test-time evaluation steps at 8e-3).
+    lr: float = field(default=1e-2, metadata=_range(lo=0, lo_open=True))
+    # Samples of z per step: 1, one ε per datapoint and step (optvaemodels/vae.py).
+    num_samples: int = field(default=1, metadata=_range(lo=1))
+
+
+@dataclass(frozen=True)
+class SAVAEConfig:
+    """Kim, Wiseman, Miller, Sontag & Rush 2018: SGD with momentum from the encoder's output,
+    backpropagated through for the encoder's update.
+
+    Each datapoint steps on its own ELBO. The authors' code (harvardnlp/sa-vae, train_img.py) steps
+    on the minibatch's mean loss at lr 1 with batches of 50, and clips the whole batch's gradient
+    (of the means, and of the log-variances) at norm 5; per datapoint that is lr 1/50, and, for a
+    batch of alike datapoints, a norm of 5 sqrt(50). Those are the defaults here, so the steps do
+    not depend on the batch size nor on the other datapoints of the batch. The rest of the code's
+    setup is the train section's: KL warm-up over 10 epochs (--warmup 10; β weights the inner
+    steps' ELBO too), Adam at 1e-3 (--lr), the model's gradient clipped at norm 5 (--max_grad_norm).
+    """
+
+    # K, the inner steps: --svi_steps 20 (train_img.py, train_text.py).
+    num_steps: int = field(default=20, metadata=_range(lo=1))
+    # η per datapoint: --svi_lr1 = --svi_lr2 = 1 on the batch-mean loss, --batch_size 50 (train_img.py).
+    lr: float = field(default=0.02, metadata=_range(lo=0, lo_open=True))
+    # m: --momentum 0.5 (train_img.py, train_text.py).
+    momentum: float = field(default=0.5, metadata=_range(lo=0, hi=1))
+    # Each datapoint's inner gradient norm, of the mean and of log_var separately, at most this
+    # (null: no clipping): --svi_max_grad_norm 5 on the batch of 50's mean gradient, 5 sqrt(50) = 35.36.
+    max_grad_norm: Optional[float] = field(default=35.36, metadata=_range(lo=0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class IterativeConfig:
+    """Marino, Yue & Mandt 2018: a learned update of q's parameters from their ELBO gradient, T times.
+
+    The update starts from the encoder's q (the authors start from the prior; here the encoder keeps
+    its own ELBO, L[q], and the update network learns to improve on it). The defaults are the
+    authors' single-level MNIST setup (joelouismarino/iterative_inference,
+    cfg/mnist/single_level/iterative/config.py). Their learning rate (2e-4) and samples per ELBO
+    estimate (10) are the train section's keys (train.lr, train.num_samples), shared by every method.
+    """
+
+    # T, the learned updates: 'n_iterations': 5.
+    num_steps: int = field(default=5, metadata=_range(lo=1))
+    # Width of the update network's hidden layers: 'n_units_enc': [512].
+    hidden: int = field(default=512, metadata=_range(lo=1))
+    # Its hidden layers (ELU, highway connections): 'n_layers_enc': [2], 'connection_type_enc': 'highway'.
+    num_layers: int = field(default=2, metadata=_range(lo=1))
+    # How the ELBO's gradient is fed in: "log_sign", log(|g| + 1e-5) and sign(g) beside the mean and
+    # log-variance ('encoding_form': log_gradient, sign_gradient, mean, log_variance); or "layer_norm",
+    # each of the gradients, mean and log-variance normalized over its latent units (the authors'
+    # later code, lib/modules/latent_levels; it discards the gradient's scale, so it needs many units).
+    gradient_encoding: Literal["log_sign", "layer_norm"] = "log_sign"
+
+
+@dataclass(frozen=True)
+class AggressiveConfig:
+    """He, Spokoyny, Neubig & Berg-Kirkpatrick 2019: encoder updates until its objective stops improving
+    before each decoder update, while the mutual information I(x; z) on validation data still rises."""
+
+    # The defaults are the authors' code (jxhe/vae-lagging-encoder, text.py and image.py).
+    # At most this many encoder updates per decoder update: the inner loop runs while sub_iter < 100,
+    # sub_iter counting from 1 (so at most 99 there).
+    max_inner_steps: int = field(default=100, metadata=_range(lo=1))
+    # Every this many inner steps, the mean loss of these steps is compared with that of the steps
+    # before; the loop stops when it rose: "if sub_iter % 10 == 0", "burn_pre_loss - burn_cur_loss < 0".
+    check_every: int = field(default=10, metadata=_range(lo=1))
+    # Aggressive training stops after this many epochs (in all, not necessarily in a row) whose mutual
+    # information I(x; z) on the validation set is below the best so far: 1 in text.py
+    # ("cur_mi - pre_mi < 0" against the epoch before, the same while it rises), 5 in image.py.
+    mi_patience: int = field(default=1, metadata=_range(lo=1))
+
+
+@dataclass(frozen=True)
+class HMCConfig:
+    """Hoffman 2017: z ~ q refined by HMC targeting p(z|x) before the decoder's update."""
+
+    # M transitions of L leapfrog steps from q's sample: a short chain started where q puts its mass
+    # (Hoffman 2017); M and L are this project's choice.
+    num_steps: int = field(default=10, metadata=_range(lo=1))
+    num_leapfrog: int = field(default=5, metadata=_range(lo=1))
+    # The starting step size; it is then adapted between minibatches toward target_acceptance
+    # (x1.02 above, x0.98 below: the rule of this project's AIS, after Wu et al. 2017).
+    step_size: float = field(default=0.05, metadata=_range(lo=0, lo_open=True))
+    # HMC's asymptotically optimal acceptance rate, 0.651 (Beskos et al. 2013).
+    target_acceptance: float = field(default=0.65, metadata=_range(lo=0, hi=1, lo_open=True))
+
+
+@dataclass(frozen=True)
+class AIRConfig:
+    """Shu, Bui, Zhao, Kochenderfer & Ermon 2018: amortized inference regularization."""
+
+    # "denoise": the encoder reads x + N(0, noise_std^2 I) in training (the denoising VAE the paper
+    # analyses); "lipschitz": the encoder's linear layers are bounded so that the encoder is
+    # L-Lipschitz (the paper bounds it through weight normalization; here by exact spectral norms).
+    kind: Literal["denoise", "lipschitz"] = "denoise"
+    # The corruption's std, on data in [0, 1]: the regularization's strength, a setting to tune per
+    # dataset; 0.1 is a mild one (a tenth of a pixel's range). This project's choice.
+    noise_std: float = field(default=0.1, metadata=_range(lo=0))
+    # L, the bound on the encoder's Lipschitz constant (L2 to L2), likewise a strength to tune;
+    # 1 is about the norm of a freshly initialized layer. This project's choice.
+    lipschitz: float = field(default=1.0, metadata=_range(lo=0, lo_open=True))
+
+
+@dataclass(frozen=True)
+class BSVIConfig:
+    """Shu, Bui, Whang & Ermon 2019: the SVI trajectory's proposals importance-weighted
+    into a buffered bound that trains the decoder."""
+
+    # SVI steps per minibatch (the buffer holds num_steps + 1 proposals) and their Adam rate; the
+    # same inner loop as train.svi. Not the paper's values, which are unconfirmed: 10 steps
+    # keep the cost near 10x a VAE's; 0.01 is train.svi's rate.
+    num_steps: int = field(default=10, metadata=_range(lo=1))
+    lr: float = field(default=1e-2, metadata=_range(lo=0, lo_open=True))
+    # Samples of z per step, each kept in the buffer: 1, one importance weight per proposal.
+    num_samples: int = field(default=1, metadata=_range(lo=1))
+
+
+METHOD_NAMES = ("vae", "iwae", "svi", "savae", "iterative", "aggressive", "hmc", "air", "bsvi")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    # How the VAE is trained (README, "Training methods"); each method's settings are its own section below.
+    method: Literal["vae", "iwae", "svi", "savae", "iterative", "aggressive", "hmc", "air", "bsvi"] = "vae"
+    # The bound of the plain VAE: "iwae" here is method iwae (kept so recipes and runs of before
+    # train.method still load); other methods take it as "elbo".
     objective: Literal["elbo", "iwae"] = "elbo"
     num_samples: int = field(default=1, metadata=_range(lo=1))
     batch_size: int = field(default=100, metadata=_range(lo=1))
@@ -102,6 +240,13 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata=_range(lo=1))
     max_grad_norm: Optional[float] = field(default=None, metadata=_range(lo=0, lo_open=True))
     checkpoint_every: int = field(default=1, metadata=_range(lo=1))
+    svi: SVIConfig = SVIConfig()
+    savae: SAVAEConfig = SAVAEConfig()
+    iterative: IterativeConfig = IterativeConfig()
+    aggressive: AggressiveConfig = AggressiveConfig()
+    hmc: HMCConfig = HMCConfig()
+    air: AIRConfig = AIRConfig()
+    bsvi: BSVIConfig = BSVIConfig()
 
 
 #: The local optimization of Cremer, Li & Duvenaud (2018), section 5: Adam at 1e-3 from the prior on
@@ -310,6 +455,13 @@ def _build(cls, mapping: Mapping, prefix: str = ""):
 
 def _check_consistency(recipe: Recipe) -> None:
     m, d = recipe.model, recipe.data
+    if recipe.train.objective == "iwae" and recipe.train.method not in ("vae", "iwae"):
+        raise _key_error(
+            "train.objective",
+            f"'iwae' is the bound of methods vae and iwae, not of {recipe.train.method!r}; "
+            "set train.objective to elbo (or train.method to iwae)",
+            ("train.method",),
+        )
     if m.likelihood in ("categorical", "logistic") and d.quantize_bits is None:
         raise _key_error(
             "model.likelihood",

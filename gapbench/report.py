@@ -2,8 +2,11 @@
 
 A column per run (dataset × encoder family); rows log p̂(x), L[q*_Flow],
 L[q*_FFG], L[q], and the approximation, amortization and inference gaps; every
-cell is a mean over datapoints ± its standard error, in nats. Written as
-Markdown, LaTeX (booktabs) and CSV, with figures as PNG and PDF.
+cell is a mean over datapoints ± its standard error, in nats. When a run was
+trained with a method that refines q at test time, L[q_refined] stands between
+L[q*_FFG] and L[q], and the amortization gap splits into the part the refinement
+closes and the part that remains. Written as Markdown, LaTeX (booktabs) and CSV,
+with figures as PNG and PDF.
 """
 
 from __future__ import annotations
@@ -30,6 +33,22 @@ ROWS: List[Tuple[str, str, str]] = [
     ("inference_gap", "Inference gap", "Inference"),
 ]
 FAMILY_LABEL = {"ffg": "FFG", "flow": "Flow", "realnvp": "RealNVP"}
+#: Rows of a test-time refinement, each placed after the row named first; shown when a run has them.
+REFINED_ROWS: List[Tuple[str, Tuple[str, str, str]]] = [
+    ("elbo_ffg", ("elbo_refined", "L[q_refined]", r"$\mathcal{L}[q_{\mathrm{refined}}]$")),
+    ("amortization_gap", ("refinement_gain", "Amortization gap closed by refinement", r"\quad closed by refinement")),
+    ("refinement_gain", ("remaining_amortization_gap", "Amortization gap remaining", r"\quad remaining")),
+]
+GAP_ROWS = ("approximation_gap", "amortization_gap", "inference_gap")  # in bold
+
+
+def table_rows(runs: Sequence["RunGaps"]) -> List[Tuple[str, str, str]]:
+    """ROWS, with the rows of a test-time refinement when any run has them (old gaps files have not)."""
+    rows = list(ROWS)
+    if any("elbo_refined" in r.summary["stats"] for r in runs):
+        for after, row in REFINED_ROWS:
+            rows.insert([key for key, _, _ in rows].index(after) + 1, row)
+    return rows
 
 
 @dataclass
@@ -181,7 +200,7 @@ def _fmt_se(se) -> str:
 def table_frame(runs: Sequence[RunGaps]) -> pd.DataFrame:
     """Long table: one row per (quantity, run) with mean, standard error and n (counts: mean = count, n = points)."""
     rows = []
-    for key, label, _ in ROWS:
+    for key, label, _ in table_rows(runs):
         for r in runs:
             stat = r.summary["stats"].get(key)
             rows.append(
@@ -215,10 +234,10 @@ def table_markdown(runs: Sequence[RunGaps], frame: pd.DataFrame) -> str:
     head = "| | " + " | ".join(r.label for r in runs) + " |"
     sep = "|---|" + "---:|" * len(runs)
     lines = [head, sep]
-    for key, label, _ in ROWS:
+    for key, label, _ in table_rows(runs):
         sub = frame[frame.quantity == key].set_index("run")
         cells = [_cell(sub.loc[r.label, "mean"], sub.loc[r.label, "se"]) for r in runs]
-        bold = key.endswith("_gap")
+        bold = key in GAP_ROWS
         name = f"**{label}**" if bold else label
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for _, label, _, cells in extra_rows(runs):
@@ -236,7 +255,7 @@ def table_latex(runs: Sequence[RunGaps], frame: pd.DataFrame) -> str:
         " & ".join([""] + [esc(r.label) for r in runs]) + r" \\",
         r"\midrule",
     ]
-    for key, _, label in ROWS:
+    for key, _, label in table_rows(runs):
         if key == "approximation_gap":
             lines.append(r"\midrule")
         sub = frame[frame.quantity == key].set_index("run")

@@ -34,6 +34,7 @@ from gapbench.experiment import (
     resolve_device,
     training_batch,
 )
+from gapbench.methods import NonFiniteLoss, build_method, get_method, method_name
 from gapbench.io import (
     load_torch,
     output_dir,
@@ -106,10 +107,10 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7 + stream)
 
 
-def _initial_state(model, optimizer) -> Dict:
+def _initial_state(model, method) -> Dict:
     return {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": method.state_dict(),  # the method's optimizers and state (train.method)
         "epoch": 0,
         "rng": torch.get_rng_state(),
         "best_model": None,
@@ -200,18 +201,21 @@ def train_run(
             # A killed write leaves its temporary beside the target; this run's files are rewritten below.
             remove_stale_temporaries(run_dir, [RECIPE_FILE, CHECKPOINT_FILE, TRAIN_LOG_FILE, META_FILE])
 
+            problem = get_method(method_name(t)).check(recipe)
+            if problem:
+                raise GapbenchError(f"train.method {method_name(t)}: {problem}")
             inputs = load_inputs(recipe)
             check_before_training(recipe, inputs, dev)
             configure_threads(recipe)
             torch.manual_seed(recipe.seed)
             model = build_model(recipe, inputs).to(dev)
-            optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, eps=t.adam_eps)
+            method = build_method(model, t)
 
             if resume:
                 state = load_torch(ckpt_path)
                 try:
                     model.load_state_dict(state["model"])
-                    optimizer.load_state_dict(state["optimizer"])
+                    method.load_state_dict(state["optimizer"])
                 except (KeyError, RuntimeError, ValueError) as exc:
                     raise GapbenchError(
                         f"{ckpt_path} does not fit this recipe's model ({type(exc).__name__}); train into a new --out"
@@ -235,10 +239,10 @@ def train_run(
                 (run_dir / META_FILE).unlink(missing_ok=True)
             else:
                 write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
-                state = _initial_state(model, optimizer)
+                state = _initial_state(model, method)
                 save_torch(ckpt_path, state)
                 prior_meta = {}
-        return _train_and_record(recipe, run_dir, inputs, model, optimizer, state, dev, callback, resume, prior_meta)
+        return _train_and_record(recipe, run_dir, inputs, model, method, state, dev, callback, resume, prior_meta)
 
 
 def _read_meta(run_dir: Path) -> Dict:
@@ -247,13 +251,13 @@ def _read_meta(run_dir: Path) -> Dict:
     return read_json_or_none(run_dir / META_FILE) or {}
 
 
-def _train_and_record(recipe, run_dir, inputs, model, optimizer, state, dev, callback, resume, prior_meta) -> TrainResult:
+def _train_and_record(recipe, run_dir, inputs, model, method, state, dev, callback, resume, prior_meta) -> TrainResult:
     """The epochs, then the test ELBO and meta.json (with the final checkpoint's hash)."""
     from gapbench.provenance import code_versions, device_name, now, sha256_bytes
 
     ckpt_path = run_dir / CHECKPOINT_FILE
     started = time.time()
-    state = _train_epochs(recipe, inputs, model, optimizer, state, run_dir, dev, callback)
+    state = _train_epochs(recipe, inputs, model, method, state, run_dir, dev, callback)
     best = state["best_model"]
     if best is not None:
         model.load_state_dict(best)
@@ -291,7 +295,7 @@ def _train_and_record(recipe, run_dir, inputs, model, optimizer, state, dev, cal
     )
 
 
-def _train_epochs(recipe: Recipe, inputs: Inputs, model, optimizer, state, run_dir: Path, dev, callback):
+def _train_epochs(recipe: Recipe, inputs: Inputs, model, method, state, run_dir: Path, dev, callback):
     t = recipe.train
     x_train = inputs.train
     n = x_train.shape[0]
@@ -301,8 +305,8 @@ def _train_epochs(recipe: Recipe, inputs: Inputs, model, optimizer, state, run_d
     while state["epoch"] < t.num_epochs and not state["stopped_early"]:
         epoch = state["epoch"]
         lr = learning_rate(epoch, t.lr, t.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        method.set_lr(lr)
+        method.begin_epoch(epoch + 1, inputs, dev)
         order = torch.randperm(n, generator=_epoch_generator(recipe.seed, epoch, 0))
         binarize_gen = _epoch_generator(recipe.seed, epoch, 1)
         model.train()
@@ -312,25 +316,21 @@ def _train_epochs(recipe: Recipe, inputs: Inputs, model, optimizer, state, run_d
         for step in range(steps_per_epoch):
             idx = order[step * t.batch_size : (step + 1) * t.batch_size]
             xb = training_batch(inputs, x_train[idx], binarize_gen).to(dev)
-            beta = kl_weight(epoch, step, steps_per_epoch, t.warmup_epochs) if t.objective == "elbo" else 1.0
-            obj, elbo = objective(model, xb, t.objective, t.num_samples, beta)
-            loss = -obj.mean()
-            if not torch.isfinite(loss):
+            beta = kl_weight(epoch, step, steps_per_epoch, t.warmup_epochs) if method.name != "iwae" else 1.0
+            try:
+                result = method.step(xb, beta)
+            except NonFiniteLoss as exc:
                 raise TrainingDiverged(
-                    f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {loss.item()}; "
+                    f"training diverged at epoch {epoch + 1}, step {step + 1}: the loss is {exc.value}; "
                     f"the last good checkpoint (epoch {saved_epoch}) is kept in {ckpt_path}; "
                     "lower train.lr or set train.max_grad_norm, then train into a new --out"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            optimizer.step()
-            sum_obj += obj.detach().double().sum().item()
-            sum_elbo += elbo.detach().double().sum().item()
+                ) from None
+            sum_obj += result.objective.double().sum().item()
+            sum_elbo += result.elbo.double().sum().item()
         seconds = time.time() - tic
         model.eval()
         state["epoch"] = epoch + 1
+        method.end_epoch(epoch + 1, inputs, dev)
         if state["epoch"] % t.eval_every == 0 or state["epoch"] == t.num_epochs:
             valid_elbo = dataset_elbo(model, inputs.valid, dev)
             if not math.isfinite(valid_elbo):
@@ -359,7 +359,7 @@ def _train_epochs(recipe: Recipe, inputs: Inputs, model, optimizer, state, run_d
         }
         state["log"].append(row)
         state["model"] = model.state_dict()
-        state["optimizer"] = optimizer.state_dict()
+        state["optimizer"] = method.state_dict()
         state["rng"] = torch.get_rng_state()
         if state["epoch"] % t.checkpoint_every == 0 or state["epoch"] == t.num_epochs or state["stopped_early"]:
             save_torch(ckpt_path, state)

@@ -1,0 +1,34 @@
+"""The amortized baselines: the VAE's ELBO and the IWAE bound, maximized jointly over encoder and decoder.
+
+vae:  max_{θ,φ} E_{q_φ(z|x)}[log p_θ(x|z)] − β KL(q_φ(z|x) || p(z))      (Kingma & Welling 2014)
+iwae: max_{θ,φ} E[log (1/k) Σ_i p_θ(x, z_i) / q_φ(z_i|x)],  z_i ~ q_φ      (Burda et al. 2016)
+"""
+
+from __future__ import annotations
+
+from gapbench.methods.base import Method, StepResult, elbo_terms
+from gapbench.ops import logmeanexp
+
+
+class VAE(Method):
+    name = "vae"
+    paper = "Kingma & Welling 2014, Auto-Encoding Variational Bayes"
+    objective = "E_q[log p(x|z)] - beta KL(q(z|x) || p(z)), train.num_samples samples"
+
+    def step(self, x, beta):
+        log_lik, log_ratio = elbo_terms(self.model, x, self.model.posterior(x), self.train_cfg.num_samples)
+        obj = (log_lik + beta * log_ratio).mean(0)
+        self.apply(-obj.mean())
+        return StepResult(obj.detach(), (log_lik + log_ratio).mean(0).detach())
+
+
+class IWAE(Method):
+    name = "iwae"
+    paper = "Burda, Grosse & Salakhutdinov 2016, Importance Weighted Autoencoders"
+    objective = "log (1/k) sum_i p(x, z_i) / q(z_i|x), k = train.num_samples"
+
+    def step(self, x, beta):
+        log_lik, log_ratio = elbo_terms(self.model, x, self.model.posterior(x), self.train_cfg.num_samples)
+        obj = logmeanexp(log_lik + log_ratio, dim=0)
+        self.apply(-obj.mean())
+        return StepResult(obj.detach(), (log_lik + log_ratio).mean(0).detach())
