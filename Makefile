@@ -23,7 +23,7 @@ OVER_TRAINING_EPOCHS_SMALL ?= 5 10 25 50
 .PHONY: help setup test test-fast quickstart bench bench-speed bench-evaluation gpu-check clean-runs reproduce-table2 \
 	reproduce-table2-mnist reproduce-table2-fashion reproduce-table2-cifar10 \
 	reproduce-table2-small reproduce-table2-small-mnist reproduce-table2-small-fashion reproduce-table2-small-cifar10 \
-	reproduce-followups reproduce-followups-small \
+	reproduce-followups reproduce-followups-small reproduce-methods-digits reproduce-methods-small \
 	$(foreach f,$(FOLLOWUPS),reproduce-$(f) reproduce-$(f)-small)
 
 help:
@@ -40,6 +40,7 @@ help:
 	@echo "make reproduce-table2-small     the same models on a CPU budget (50 epochs, 100 points); -small-fashion etc. too"
 	@echo "make reproduce-followups        the paper's follow-ups on Fashion-MNIST: $(FOLLOWUPS)"
 	@echo "                                (each alone: make reproduce-encoder-capacity etc.; add -small for the CPU budget)"
+	@echo "make reproduce-methods-digits   every training method (recipes/methods/) on the digits VAE, one report (-small: Fashion-MNIST)"
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
@@ -156,6 +157,18 @@ define over_training
 	  prev=$$d; runs="$$runs $$d"; done; \
 	gapbench report $$runs --out results/$(1)/report
 endef
+
+# Every training method of recipes/methods/ on one model, then one report across them:
+# -digits on the quickstart's digits VAE (minutes each), -small on Table 2's Fashion-MNIST FFG model at the CPU budget.
+METHODS ?= vae iwae svi savae iterative aggressive hmc air bsvi
+
+reproduce-methods-digits:
+	@set -e; for m in $(METHODS); do gapbench run recipes/methods/digits_$$m.yaml --out results/methods-digits/digits_$$m; done
+	gapbench report $(foreach m,$(METHODS),results/methods-digits/digits_$(m)) --out results/methods-digits/report
+
+reproduce-methods-small:
+	@set -e; for m in $(METHODS); do gapbench run recipes/methods/fashion_$$m.yaml --out results/methods-small/fashion_$$m; done
+	gapbench report $(foreach m,$(METHODS),results/methods-small/fashion_$(m)) --out results/methods-small/report
 
 reproduce-gaps-over-training:
 	$(call over_training,gaps-over-training,$(OVER_TRAINING_EPOCHS),recipes/cremer2018/fashion_ffg.yaml)
