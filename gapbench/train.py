@@ -49,6 +49,7 @@ from gapbench.schedules import kl_weight, learning_rate
 
 log = logging.getLogger(__name__)
 
+METHOD_LOG_FILE = "method_log.csv"
 LOG_COLUMNS = ["epoch", "lr", "kl_weight", "train_objective", "train_elbo", "valid_elbo", "seconds", "images_per_s"]
 
 
@@ -122,11 +123,16 @@ def _initial_state(model, method) -> Dict:
     }
 
 
-def _write_log(run_dir: Path, rows: List[Dict]) -> None:
+def _write_log(run_dir: Path, rows: List[Dict], method_rows: Optional[List[Dict]] = None) -> None:
     lines = [",".join(LOG_COLUMNS)]
     for row in rows:
         lines.append(",".join(repr(row[c]) if isinstance(row[c], float) else str(row[c]) for c in LOG_COLUMNS))
     write_text(run_dir / TRAIN_LOG_FILE, "\n".join(lines) + "\n")
+    if method_rows:  # what the training method reports per epoch (aggressive: I(x; z), ...)
+        columns = list(dict.fromkeys(k for row in method_rows for k in row))
+        lines = [",".join(columns)] + [",".join(repr(r[c]) if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                               for c in columns) for r in method_rows]
+        write_text(run_dir / METHOD_LOG_FILE, "\n".join(lines) + "\n")
 
 
 def training_changes(recipe: Recipe, saved: Recipe) -> List[str]:
@@ -230,7 +236,7 @@ def train_run(
                 if state["log"]:
                     # The checkpoint is written before the log, so a kill between the two leaves the log an
                     # epoch behind; rewrite it from the checkpoint, or a run killed there would lack its last row.
-                    _write_log(run_dir, state["log"])
+                    _write_log(run_dir, state["log"], state.get("method_log"))
                 # The resolved recipe says what the run is trained to now (num_epochs may have grown).
                 saved_name = load_recipe(run_dir / RECIPE_FILE).name
                 write_text(run_dir / RECIPE_FILE, dataclasses.replace(recipe, name=saved_name).to_yaml())
@@ -330,7 +336,9 @@ def _train_epochs(recipe: Recipe, inputs: Inputs, model, method, state, run_dir:
         seconds = time.time() - tic
         model.eval()
         state["epoch"] = epoch + 1
-        method.end_epoch(epoch + 1, inputs, dev)
+        stats = method.end_epoch(epoch + 1, inputs, dev)
+        if stats:
+            state.setdefault("method_log", []).append({"epoch": epoch + 1, **stats})
         if state["epoch"] % t.eval_every == 0 or state["epoch"] == t.num_epochs:
             valid_elbo = dataset_elbo(model, inputs.valid, dev)
             if not math.isfinite(valid_elbo):
@@ -363,7 +371,7 @@ def _train_epochs(recipe: Recipe, inputs: Inputs, model, method, state, run_dir:
         state["rng"] = torch.get_rng_state()
         if state["epoch"] % t.checkpoint_every == 0 or state["epoch"] == t.num_epochs or state["stopped_early"]:
             save_torch(ckpt_path, state)
-            _write_log(run_dir, state["log"])
+            _write_log(run_dir, state["log"], state.get("method_log"))
             saved_epoch = state["epoch"]
         if callback is not None:
             callback(row)
