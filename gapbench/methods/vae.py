@@ -6,6 +6,8 @@ iwae: max_{θ,φ} E[log (1/k) Σ_i p_θ(x, z_i) / q_φ(z_i|x)],  z_i ~ q_φ     
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from gapbench.methods.base import Method, StepResult, elbo_terms
 from gapbench.ops import logmeanexp
 
@@ -15,20 +17,21 @@ class VAE(Method):
     paper = "Kingma & Welling 2014, Auto-Encoding Variational Bayes"
     objective = "E_q[log p(x|z)] - beta KL(q(z|x) || p(z)), train.num_samples samples"
 
+    def bound(self, log_lik: Tensor, log_ratio: Tensor, beta: float) -> Tensor:
+        """The per-datapoint objective [N] from log p(x|z) and log p(z) - log q(z), both [S, N]."""
+        return (log_lik + beta * log_ratio).mean(0)
+
     def step(self, x, beta):
         log_lik, log_ratio = elbo_terms(self.model, x, self.model.posterior(x), self.train_cfg.num_samples)
-        obj = (log_lik + beta * log_ratio).mean(0)
+        obj = self.bound(log_lik, log_ratio, beta)
         self.apply(-obj.mean())
         return StepResult(obj.detach(), (log_lik + log_ratio).mean(0).detach())
 
 
-class IWAE(Method):
+class IWAE(VAE):
     name = "iwae"
     paper = "Burda, Grosse & Salakhutdinov 2016, Importance Weighted Autoencoders"
     objective = "log (1/k) sum_i p(x, z_i) / q(z_i|x), k = train.num_samples"
 
-    def step(self, x, beta):
-        log_lik, log_ratio = elbo_terms(self.model, x, self.model.posterior(x), self.train_cfg.num_samples)
-        obj = logmeanexp(log_lik + log_ratio, dim=0)
-        self.apply(-obj.mean())
-        return StepResult(obj.detach(), (log_lik + log_ratio).mean(0).detach())
+    def bound(self, log_lik, log_ratio, beta):
+        return logmeanexp(log_lik + log_ratio, dim=0)  # no warm-up: train.py passes beta = 1
