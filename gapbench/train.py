@@ -1,4 +1,4 @@
-"""gapbench train: fit a VAE by maximizing the ELBO (or IWAE bound), with checkpoints and exact resume.
+"""gapbench train: fit a VAE with its training method (train.method), with checkpoints and exact resume.
 
 Every epoch ends with an atomic checkpoint holding the weights, the optimizer,
 the random-number state and the log so far, so ``--resume`` continues exactly
@@ -35,6 +35,7 @@ from gapbench.experiment import (
     training_batch,
 )
 from gapbench.methods import NonFiniteLoss, build_method, get_method, method_name
+from gapbench.methods.base import elbo_terms
 from gapbench.io import (
     load_torch,
     output_dir,
@@ -43,7 +44,6 @@ from gapbench.io import (
     write_json,
     write_text,
 )
-from gapbench.ops import logmeanexp
 from gapbench.recipe import Recipe, load_recipe
 from gapbench.schedules import kl_weight, learning_rate
 
@@ -77,30 +77,14 @@ class TrainResult:
         )
 
 
-def objective(model, x: torch.Tensor, kind: str, num_samples: int, beta: float = 1.0):
-    """Per-datapoint training objective and ELBO, both [N].
-
-    elbo: (1/S) Σ_s [log p(x|z_s) + β (log p(z_s) − log q(z_s|x))]  (β < 1 during KL warm-up)
-    iwae: log (1/S) Σ_s p(x, z_s) / q(z_s|x)                          (Burda et al. 2016)
-    """
-    q = model.posterior(x)
-    z, log_q = q.sample_and_log_prob(num_samples)  # (S, N, D), (S, N)
-    log_lik = model.log_likelihood(x, z)  # (S, N)
-    log_ratio = model.log_prior(z) - log_q  # (S, N)
-    elbo = (log_lik + log_ratio).mean(0)
-    if kind == "iwae":
-        return logmeanexp(log_lik + log_ratio, dim=0), elbo
-    return (log_lik + beta * log_ratio).mean(0), elbo
-
-
 @torch.no_grad()
 def dataset_elbo(model, x: torch.Tensor, device, batch_size: int = 500, num_samples: int = 1) -> float:
     """Mean ELBO over the datapoints of ``x`` (a single-sample estimate per point by default)."""
     total = 0.0
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size].to(device)
-        _, elbo = objective(model, xb, "elbo", num_samples)
-        total += elbo.double().sum().item()
+        log_lik, log_ratio = elbo_terms(model, xb, model.posterior(xb), num_samples)
+        total += (log_lik + log_ratio).mean(0).double().sum().item()
     return total / x.shape[0]
 
 

@@ -71,6 +71,9 @@ class Method:
     objective: str = ""
     #: Whether :meth:`refine` gives a test-time refinement of the encoder's q.
     refines: bool = False
+    #: What the method does to each datapoint's FFG parameters, for methods that need an FFG encoder
+    #: (None: any encoder); :meth:`check` refuses other encoders with it.
+    refines_ffg: Optional[str] = None
 
     def __init__(self, model, train_cfg, settings=None):
         self.model, self.train_cfg, self.settings = model, train_cfg, settings
@@ -84,6 +87,9 @@ class Method:
     @classmethod
     def check(cls, recipe) -> Optional[str]:
         """A one-line problem with ``recipe`` that this method cannot serve (naming the key and the fix), or None."""
+        if cls.refines_ffg and recipe.model.encoder != "ffg":
+            return (f"model.encoder: train.method {cls.name} {cls.refines_ffg}, not a {recipe.model.encoder!r} q; "
+                    "set model.encoder: ffg, or choose another train.method")
         return None
 
     def build_optimizers(self) -> Dict[str, torch.optim.Optimizer]:

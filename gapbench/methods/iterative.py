@@ -96,6 +96,7 @@ class Iterative(Method):
     objective = ("encoder and update network: sum_{t=0..T} L(lambda_t), lambda_{t+1} = f(lambda_t, grad L(lambda_t)); "
                  "decoder: L(lambda_T)")
     refines = True
+    refines_ffg = "learns an update of a diagonal Gaussian's mean and log-variance"
 
     def __init__(self, model, train_cfg, settings=None):
         super().__init__(model, train_cfg, _settings(settings))
@@ -106,13 +107,6 @@ class Iterative(Method):
         if getattr(model, "method_modules", None) is None:
             model.method_modules = nn.ModuleDict()
         model.method_modules[UPDATE_KEY] = UpdateNetwork(model.latent_dim, s.hidden, s.num_layers, s.gradient_encoding)
-
-    @classmethod
-    def check(cls, recipe):
-        if recipe.model.encoder != "ffg":
-            return (f"model.encoder: the learned update is of a diagonal Gaussian's mean and log-variance, and "
-                    f"{recipe.model.encoder!r} is not one; set model.encoder to ffg")
-        return None
 
     @property
     def update(self) -> UpdateNetwork:

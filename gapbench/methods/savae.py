@@ -74,16 +74,10 @@ class SAVAE(Method):
     objective = ("L_beta(x; lambda_K), lambda_K = K steps of SGD with momentum on L_beta from "
                  "lambda_0 = enc(x), differentiated through the steps")
     refines = True
+    refines_ffg = "refines a diagonal Gaussian's mean and log-variance per datapoint"
 
     def __init__(self, model, train_cfg, settings=None):
         super().__init__(model, train_cfg, SAVAEConfig() if settings is None else settings)
-
-    @classmethod
-    def check(cls, recipe) -> Optional[str]:
-        if recipe.model.encoder != "ffg":
-            return (f"train.method savae refines a diagonal Gaussian q, but model.encoder is "
-                    f"{recipe.model.encoder!r}: set model.encoder: ffg, or choose another train.method")
-        return None
 
     def _noise(self, mean: Tensor, count: int) -> List[Tensor]:
         """``count`` draws of eps [S, N, D] from torch's generator (saved with the checkpoint)."""

@@ -124,6 +124,7 @@ class SVI(Method):
     objective = ("decoder: L(x; λ_K), λ_K = K Adam steps of each datapoint's ELBO from λ_0; "
                  "encoder: L(x; λ_0 = encoder(x))")
     refines = True
+    refines_ffg = "refines an FFG's mean and log-variance per datapoint"
     #: The settings section's dataclass, whose defaults serve when no settings are given.
     settings_class = SVIConfig
 
@@ -132,14 +133,6 @@ class SVI(Method):
             raise GapbenchError(f"train.method {self.name} refines an FFG q; this model's q is "
                                 f"{model.family.name!r} (set model.encoder: ffg)")
         super().__init__(model, train_cfg, self.settings_class() if settings is None else settings)
-
-    @classmethod
-    def check(cls, recipe) -> Optional[str]:
-        if recipe.model.encoder != "ffg":
-            return (f"model.encoder: train.method {cls.name} refines an FFG's mean and log-variance per "
-                    f"datapoint, not a {recipe.model.encoder!r} q; set model.encoder: ffg, or choose another "
-                    "train.method")
-        return None
 
     def build_optimizers(self):
         t = self.train_cfg
