@@ -11,7 +11,7 @@ offer a test-time refinement of the encoder's q (:meth:`Method.refine`), which
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -155,3 +155,30 @@ class Method:
                                            self.train_cfg.max_grad_norm)
         for k in names:
             self.optimizers[k].step()
+
+    def apply_parts(self, parts: Sequence[Tuple[Tensor, Sequence[nn.Parameter]]]) -> None:
+        """One step of every optimizer where each loss moves only its own parameters: for each
+        (loss, params) pair, the gradient of that loss w.r.t. those parameters (the decoder trained on
+        one bound and the encoder on another, though both depend on both networks). Every gradient is
+        taken before any step; the gradient norm over all the parts' parameters is clipped at
+        ``train.max_grad_norm`` when set. A non-finite loss raises :class:`NonFiniteLoss` before anything
+        changes."""
+        for loss, _ in parts:
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(loss.item())
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        clipped = []
+        for loss, params in parts:
+            params = [p for p in params if p.requires_grad]
+            if not params:
+                continue
+            # The losses may share a graph (one forward pass, two bounds): keep it for the next.
+            for p, g in zip(params, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+            clipped += params
+        if self.train_cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(clipped, self.train_cfg.max_grad_norm)
+        for opt in self.optimizers.values():
+            opt.step()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from gapbench.inference._common import log_joint
-from gapbench.methods.base import StepResult
+from gapbench.methods.base import StepResult, decoder_parameters, encoder_parameters
 from gapbench.methods.svi import SVI, SVITrajectory
 from gapbench.recipe import BSVIConfig
 
@@ -93,7 +93,8 @@ class BSVI(SVI):
         bound = buffered_bound(log_w, torch.log_softmax(self.buffer_logits, 0))
         encoder_obj, elbo = self.encoder_objective(x, q0, beta)
         loss = -bound.mean()
-        self.update({"decoder": loss, "buffer": loss, "encoder": -encoder_obj.mean()})
+        self.apply_parts([(loss, decoder_parameters(self.model) + [self.buffer_logits]),
+                          (-encoder_obj.mean(), encoder_parameters(self.model))])
         return StepResult(bound.detach(), elbo)
 
     def extra_state(self) -> dict:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from gapbench.inference.gradients import joint_density
 from gapbench.inference.hmc import hmc_init, hmc_step
-from gapbench.methods.base import Method, NonFiniteLoss, StepResult, decoder_parameters, encoder_parameters
+from gapbench.methods.base import Method, StepResult, decoder_parameters, encoder_parameters
 
 #: Multiplicative step-size adaptation per minibatch (the rule this project's AIS uses, Wu et al. 2017).
 GROW, SHRINK = 1.02, 0.98
@@ -90,20 +90,9 @@ class HMC(Method):
         z_m, accept = hmc_refine(model, x, z0, self.step_size, s.num_steps, s.num_leapfrog)
         decoder_obj = (model.log_likelihood(x, z_m) + model.log_prior(z_m)).mean(0)  # [N]
 
-        encoder_loss, decoder_loss = -encoder_obj.mean(), -decoder_obj.mean()
-        for loss in (encoder_loss, decoder_loss):
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(loss.item())
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
         # Each loss reaches only its own parameters: the ELBO's gradient stops at the decoder, and
         # log p(x, z_M) has no path to the encoder (z_M is a constant).
-        encoder_loss.backward(inputs=self._encoder)
-        decoder_loss.backward(inputs=self._decoder)
-        if self.train_cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._encoder + self._decoder, self.train_cfg.max_grad_norm)
-        for opt in self.optimizers.values():
-            opt.step()
+        self.apply_parts([(-encoder_obj.mean(), self._encoder), (-decoder_obj.mean(), self._decoder)])
 
         rate = accept.mean().item()
         self.step_size *= GROW if rate > s.target_acceptance else SHRINK

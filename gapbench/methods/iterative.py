@@ -17,7 +17,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from gapbench.methods.base import Method, NonFiniteLoss, StepResult, decoder_parameters, elbo_terms, encoder_parameters
+from gapbench.methods.base import Method, StepResult, decoder_parameters, elbo_terms, encoder_parameters
 
 #: The name of the update network in ``model.method_modules`` (an "encoder..." name: q's parameters).
 UPDATE_KEY = "encoder_iterative_update"
@@ -157,20 +157,7 @@ class Iterative(Method):
         objectives, _, elbo0 = self.trajectory(x, beta, self.train_cfg.num_samples)
         enc_loss = -torch.stack(objectives).sum(0).mean()
         dec_loss = -objectives[-1].mean()
-        for loss in (enc_loss, dec_loss):
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(loss.item())
-        opt = self.optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        dec = [p for p in decoder_parameters(self.model) if p.requires_grad]
-        enc = [p for p in encoder_parameters(self.model) if p.requires_grad]
-        if dec:
-            dec_loss.backward(inputs=dec, retain_graph=True)
-        if enc:
-            enc_loss.backward(inputs=enc)
-        if self.train_cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.max_grad_norm)
-        opt.step()
+        self.apply_parts([(dec_loss, decoder_parameters(self.model)), (enc_loss, encoder_parameters(self.model))])
         return StepResult(objectives[-1].detach(), elbo0)
 
     def refine(self, x):

@@ -22,7 +22,7 @@ from torch import Tensor
 from gapbench.errors import GapbenchError
 from gapbench.inference.gradients import joint_density
 from gapbench.inference.adam import adam_update_
-from gapbench.methods.base import Method, NonFiniteLoss, StepResult, decoder_parameters, elbo_terms, encoder_parameters
+from gapbench.methods.base import Method, StepResult, decoder_parameters, elbo_terms, encoder_parameters
 from gapbench.models.posterior import DiagonalGaussian
 from gapbench.ops import log_standard_normal
 from gapbench.recipe import SVIConfig
@@ -151,27 +151,6 @@ class SVI(Method):
         log_lik, log_ratio = elbo_terms(self.model, x, q0, self.train_cfg.num_samples)
         return (log_lik + beta * log_ratio).mean(0), (log_lik + log_ratio).mean(0).detach()
 
-    def update(self, losses: Dict[str, Tensor]) -> None:
-        """One step of each named optimizer on its own loss: each loss's gradient reaches only that
-        optimizer's parameters (the decoder's loss never moves the encoder, nor the encoder's the
-        decoder), clipped at ``train.max_grad_norm`` per optimizer when set. A non-finite loss raises
-        :class:`NonFiniteLoss` before anything changes."""
-        for loss in losses.values():
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(loss.item())
-        params = {name: [p for group in self.optimizers[name].param_groups for p in group["params"]]
-                  for name in losses}
-        # Every gradient first (a step changes parameters in place that another loss's graph may hold),
-        # one backward pass per distinct loss, over the parameters of every optimizer it serves.
-        for loss in {id(loss): loss for loss in losses.values()}.values():
-            served = [p for name, l in losses.items() if l is loss for p in params[name]]
-            for p, g in zip(served, torch.autograd.grad(loss, served, allow_unused=True)):
-                p.grad = g
-        for name in losses:
-            if self.train_cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params[name], self.train_cfg.max_grad_norm)
-            self.optimizers[name].step()
-
     # ----------------------------------------------------------------- the method
     def step(self, x, beta):
         q0 = self.model.posterior(x)
@@ -179,7 +158,8 @@ class SVI(Method):
         log_lik, log_ratio = elbo_terms(self.model, x, refined, self.train_cfg.num_samples)
         decoder_obj = (log_lik + beta * log_ratio).mean(0)  # [N]: λ_K is fixed, only θ moves
         encoder_obj, elbo = self.encoder_objective(x, q0, beta)
-        self.update({"decoder": -decoder_obj.mean(), "encoder": -encoder_obj.mean()})
+        self.apply_parts([(-decoder_obj.mean(), decoder_parameters(self.model)),
+                          (-encoder_obj.mean(), encoder_parameters(self.model))])
         return StepResult(decoder_obj.detach(), elbo)
 
     def refine(self, x):

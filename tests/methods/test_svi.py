@@ -7,6 +7,7 @@ from gapbench.errors import GapbenchError
 from gapbench.inference.bounds import elbo_and_stderr
 from gapbench.inference.gradients import joint_density
 from gapbench.methods.bsvi import BSVI
+from gapbench.methods.base import decoder_parameters, encoder_parameters
 from gapbench.methods.svi import SVI, ffg_elbo_gradient, svi_steps
 from gapbench.models.posterior import DiagonalGaussian
 from gapbench.models.vae import build_vae
@@ -135,7 +136,7 @@ def test_each_part_is_updated_on_its_own_bound():
 
 
 def test_update_sends_each_loss_to_its_own_parameters():
-    """update({"decoder": a, "encoder": b}): the decoder's gradient is a's alone, the encoder's b's alone,
+    """apply_parts([(a, decoder), (b, encoder)]): the decoder's gradient is a's alone, the encoder's b's alone,
     though both losses depend on both networks."""
     method = _method()
     model = method.model
@@ -147,7 +148,7 @@ def test_update_sends_each_loss_to_its_own_parameters():
         return d * e, d + 3 * e**2
 
     a, b = losses()
-    method.update({"decoder": a, "encoder": b})
+    method.apply_parts([(a, decoder_parameters(model)), (b, encoder_parameters(model))])
     a, b = losses()
     for p, g in zip(model.decoder.parameters(), torch.autograd.grad(a, list(model.decoder.parameters()))):
         torch.testing.assert_close(p.grad, g)
