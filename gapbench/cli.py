@@ -197,12 +197,23 @@ def train(recipe: str, overrides, out: Optional[str], device: Optional[str], res
               help="Reuse finished batches (and a finished evaluation) made from this checkpoint, these points, "
                    "settings and code; recompute the rest.")
 @click.option("--restart", is_flag=True, help="Discard the finished batches of an interrupted evaluation and start over.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Compute only shard I of N (0 <= I < N) of the batches, as one task of a job array "
+                   "($SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT are read when this is not given); "
+                   "the last shard to finish writes the gaps files.")
+@click.option("--merge", is_flag=True, help="Compute nothing: write the gaps files from the shards' finished "
+                                            "batches, or fail naming the missing ones.")
 @quiet_option
 def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, overrides, device, resume: bool,
-                  restart: bool, quiet: bool) -> None:
-    """Estimate L[q], L[q*], IWAE and AIS per datapoint of a trained RUN_DIR; writes gaps/<split>.csv/json."""
+                  restart: bool, shard: Optional[str], merge: bool, quiet: bool) -> None:
+    """Estimate L[q], L[q*], IWAE and AIS per datapoint of a trained RUN_DIR; writes gaps/<split>.csv/json.
+
+    Under torchrun the ranks share the batches and rank 0 writes the results; with
+    --shard I/N (a job array) each task computes its share and the last one writes them.
+    """
     from gapbench.evaluate import _check_overrides, evaluate_run
     from gapbench.recipe import load_recipe
+    from gapbench.scale import SINGLE, detect
 
     extra = list(overrides)
     if split is not None:
@@ -218,12 +229,18 @@ def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, ov
         settings, extra = load_recipe(settings_recipe, extra, require_data=False), []
     if resume and restart:
         raise click.UsageError("--resume keeps finished batches and --restart discards them: give one")
-    bars = _StageBars(enabled=not _quiet(quiet))
+    workers = SINGLE if merge and shard is None else detect(shard)
+    if workers.sharded and restart:
+        raise click.UsageError("--restart with --shard would discard the other shards' batches: restart once "
+                               "without --shard (or delete gaps/.partial), then start the shards")
+    bars = _StageBars(enabled=not _quiet(quiet) and workers.is_main)
     try:
         summary = evaluate_run(Path(run_dir), overrides=extra, device=device, resume=resume, callback=bars,
-                               settings_from=settings, restart=restart)
+                               settings_from=settings, restart=restart, workers=workers, merge=merge)
     finally:
         bars.close()
+    if not workers.is_main and workers.distributed:
+        return  # rank 0 prints the summary
     if summary.reused:
         click.echo(f"evaluate-gaps: {summary.path.with_suffix('.json')} is up to date (same checkpoint, points, "
                    "settings and code); nothing recomputed", err=True)
@@ -269,8 +286,11 @@ def run(recipe: str, overrides, out: Optional[str], device: Optional[str], quiet
 
     from gapbench.recipe import load_recipe
 
+    from gapbench.scale import detect
+
     r = load_recipe(recipe, overrides)
-    show = not _quiet(quiet)
+    main_rank = detect().is_main  # under torchrun, rank 0 alone shows progress and prints the table
+    show = not _quiet(quiet) and main_rank
     bar = _TrainBar(r.train.num_epochs, enabled=show)
     bars = _StageBars(enabled=show)
     try:
@@ -286,7 +306,8 @@ def run(recipe: str, overrides, out: Optional[str], device: Optional[str], quiet
     finally:
         bar.close()
         bars.close()
-    click.echo(table)
+    if main_rank:
+        click.echo(table)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

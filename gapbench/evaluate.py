@@ -31,6 +31,7 @@ from gapbench.gaps_files import GAPS_DIR, EvalSummary, jsonable, load_batch, wri
 from gapbench.io import read_json_or_none, remove_stale_temporaries, save_torch, write_json
 from gapbench.lock import command_line, folder_lock
 from gapbench.recipe import Recipe
+from gapbench.scale import SINGLE, RankFailed, Workers
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 # 1.0 give the change of the estimate over the last doubling of steps, the convergence check.
 AIS_SWEEP_FRACTIONS = (0.01, 0.03, 0.1, 0.3, 0.5, 1.0)
 AIS_SWEEP_POINTS = 20
+
+# How long an array shard waits for another shard's brief hold of the run folder (setting up, assembling).
+SHARD_LOCK_WAIT = 600.0
 
 
 def _check_overrides(overrides: Sequence[str]) -> None:
@@ -66,6 +70,62 @@ def _stage_seed(seed: int, stage: str, batch: int) -> int:
     return int.from_bytes(digest[:6], "little")
 
 
+@dataclasses.dataclass
+class _Plan:
+    """One evaluation, resolved: what to compute, where its batches go and what they depend on."""
+
+    run: object
+    recipe: Recipe
+    dev: torch.device
+    x_all: torch.Tensor
+    idx: torch.Tensor
+    model: object
+    refines: bool
+    stages: List[str]
+    families: List[str]
+    all_stages: List[str]
+    stage_settings: Dict[str, Dict]
+    keys: Dict[str, str]
+    context: Dict
+    fingerprint: str
+    batches: List[torch.Tensor]
+
+    @property
+    def cfg(self):
+        return self.recipe.evaluate
+
+    @property
+    def gaps_dir(self) -> Path:
+        return self.run.path / GAPS_DIR
+
+    @property
+    def partial(self) -> Path:
+        return self.gaps_dir / ".partial" / self.cfg.split
+
+    @property
+    def stamp(self) -> Path:
+        return self.partial / "settings.json"
+
+    @property
+    def final(self) -> Path:
+        return self.gaps_dir / f"{self.cfg.split}.json"
+
+    def part(self, stage: str, b: int) -> Path:
+        return self.partial / f"{stage}-{self.keys[stage]}-{b:04d}.pt"
+
+    def num_batches(self, stage: str) -> int:
+        return 1 if stage == "ais_sweep" else len(self.batches)
+
+    def missing(self) -> List[tuple]:
+        """The (stage, batch) pairs whose results are not on disk."""
+        return [(s, b) for s in self.all_stages for b in range(self.num_batches(s)) if not self.part(s, b).exists()]
+
+    def write_stamp(self, stages_saved: Dict, workers: Workers) -> None:
+        write_json(self.stamp, {"fingerprint": self.fingerprint, "context": self.context, "points": self.idx.tolist(),
+                                "stages": stages_saved,
+                                "layout": {"kind": workers.kind, "world_size": workers.world_size}})
+
+
 def evaluate_run(
     run_dir,
     overrides: Sequence[str] = (),
@@ -75,6 +135,8 @@ def evaluate_run(
     settings_from: Optional[Recipe] = None,
     restart: bool = False,
     refresh_report: bool = True,
+    workers: Optional[Workers] = None,
+    merge: bool = False,
 ) -> EvalSummary:
     """Decompose the gaps of a trained run; ``callback(stage_label, batches_done, num_batches)`` reports progress.
 
@@ -87,8 +149,42 @@ def evaluate_run(
     recomputed, with one warning saying what changed. Without ``resume``, finished
     batches of an interrupted evaluation are an error unless ``restart`` discards them.
     ``refresh_report``: rebuild the run's report/ (when there is one) from the new gaps.
+
+    ``workers`` (:mod:`gapbench.scale`; default one process): this process's share of
+    the batches. torchrun ranks split the batches and rank 0 writes the gaps files
+    once all have finished; an array shard computes its share (always keeping
+    matching finished batches, which are the other shards' work) and the last shard
+    to finish writes them. ``merge``: compute nothing, write the gaps files from the
+    finished batches, or fail naming the missing ones.
     """
+    workers = workers or SINGLE
+    if merge and workers.kind != "single":
+        raise GapbenchError("--merge assembles what the shards wrote; run it as one process, without --shard")
+    group = None
+    if workers.distributed:
+        from gapbench.scale import team
+
+        group = team(workers, resolve_device(device or _device_setting(run_dir, overrides, settings_from)).type)
+    try:
+        return _evaluate(run_dir, overrides, device, resume, callback, settings_from, restart, refresh_report,
+                         workers, merge, group)
+    except BaseException as exc:
+        if group is not None and not isinstance(exc, RankFailed):
+            group.fail(str(exc) or type(exc).__name__)
+        raise
+
+
+def _device_setting(run_dir, overrides, settings_from) -> Optional[str]:
+    if settings_from is not None:
+        return settings_from.device
+    return open_run(run_dir, overrides).recipe.device
+
+
+def _plan(run_dir, overrides, device, settings_from, workers: Workers) -> _Plan:
     from gapbench import provenance as prov
+    from gapbench.methods import get_method, method_name
+    from gapbench.preflight import check_memory
+    from gapbench.scale import rank_device
 
     _check_overrides(overrides)
     run = open_run(run_dir, overrides)
@@ -101,147 +197,270 @@ def evaluate_run(
         )
     recipe = run.recipe
     cfg = recipe.evaluate
-    dev = resolve_device(device or recipe.device)
+    dev = rank_device(workers, resolve_device(device or recipe.device))
     inputs = load_inputs(recipe)
     configure_threads(recipe)
     x_all = evaluation_split(inputs, recipe, cfg.split)
     idx = select_points(x_all.shape[0], cfg.num_points, recipe.seed, cfg.split)
-    from gapbench.preflight import check_memory
-
     check_memory(recipe, inputs, dev)
     model = load_trained_model(run, inputs, dev)
-    encoder_family = recipe.model.encoder
-    from gapbench.methods import build_method, get_method, method_name
-
     refines = bool(getattr(get_method(method_name(recipe.train)), "refines", False))
-    stages = stage_names(cfg, encoder_family, refines=refines)
+    stages = stage_names(cfg, recipe.model.encoder, refines=refines)
     families = [s.split("_", 1)[1] for s in stages if s.startswith("local_")]
     all_stages = stages + (["ais_sweep"] if cfg.ais.enabled else [])
     stage_settings = {stage: _stage_settings(stage, cfg, recipe.train) for stage in all_stages}
     keys = {stage: prov.fingerprint({"stage": stage, **stage_settings[stage]})[:8] for stage in all_stages}
-
     # What every result depends on besides its stage's settings: the checkpoint, the data
     # selection, the seed and batching, the code and the device (see gapbench.provenance).
     context = prov.evaluation_context(run, recipe, idx, x_all[idx], dev)
-    fingerprint = prov.fingerprint(context)
-    gaps_dir = run.path / GAPS_DIR
-    partial = gaps_dir / ".partial" / cfg.split
-    stamp = partial / "settings.json"
-    final = gaps_dir / f"{cfg.split}.json"
+    batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+    return _Plan(run=run, recipe=recipe, dev=dev, x_all=x_all, idx=idx, model=model, refines=refines,
+                 stages=stages, families=families, all_stages=all_stages, stage_settings=stage_settings, keys=keys,
+                 context=context, fingerprint=prov.fingerprint(context), batches=batches)
 
-    with folder_lock(run.path, command_line()):
-        if resume and not restart:
-            done = _finished_evaluation(final, fingerprint, keys)
-            # Settings that no stage depends on (the AIS tolerance, compiling) leave every batch valid,
-            # but the summary judged by them is made again from those batches below.
-            if done is not None and done.get("settings") == jsonable(dataclasses.asdict(cfg)):
-                return EvalSummary(path=gaps_dir / f"{cfg.split}.csv", split=cfg.split, summary=done, reused=True)
-        saved = read_json_or_none(stamp)
-        # A kill during an atomic write leaves its temporary behind; nothing reads it, so clear it.
-        remove_stale_temporaries(partial)
-        finished = sorted(partial.glob("*.pt")) if partial.is_dir() else []
-        if partial.exists() and (saved is None or saved.get("fingerprint") != fingerprint):
-            if finished:
-                why = prov.describe(saved.get("context", {}), context) if saved else "an unreadable settings.json"
-                log.warning("discarding %d finished batches in %s, made with other inputs (%s); "
-                            "recomputing", len(finished), partial, why)
-            shutil.rmtree(partial)
-            saved, finished = None, []
-        elif finished and not resume:
-            # Without --resume everything is recomputed; but batches that an interrupted evaluation
-            # left (ones no gaps file was made from) cost time to redo, so they are never dropped silently.
-            reusable = [f for f in finished if f.name.split("-")[1] in keys.values()]
-            made_final = saved is not None and _finished_evaluation(
-                final, saved.get("fingerprint"), {s: v.get("key") for s, v in saved.get("stages", {}).items()})
-            if reusable and not restart and not made_final:
-                raise GapbenchError(
-                    f"{partial} holds {len(reusable)} finished batches of an interrupted evaluation of these inputs: "
-                    "pass --resume to keep them, or --restart to discard them and start over"
-                )
-            shutil.rmtree(partial)
-            saved, finished = None, []
-        stages_saved = dict((saved or {}).get("stages", {}))
 
-        def part(stage: str, b: int) -> Path:
-            return partial / f"{stage}-{keys[stage]}-{b:04d}.pt"
+def _evaluate(run_dir, overrides, device, resume, callback, settings_from, restart, refresh_report,
+              workers: Workers, merge: bool, group) -> EvalSummary:
+    plan = _plan(run_dir, overrides, device, settings_from, workers)
+    cfg = plan.cfg
+    path = plan.gaps_dir / f"{cfg.split}.csv"
+    started = time.time()
 
-        def write_stamp() -> None:
-            write_json(stamp, {"fingerprint": fingerprint, "context": context, "points": idx.tolist(),
-                               "stages": stages_saved})
+    if merge:
+        with folder_lock(plan.run.path, command_line()):
+            return _merge(plan, refresh_report)
 
-        batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-        method = None  # the training method, built when the refined stage first needs it
-        for stage in all_stages:
+    if workers.sharded:
+        # Shards share the folder: each holds its lock only while it sets up or assembles.
+        with folder_lock(plan.run.path, command_line(), wait=SHARD_LOCK_WAIT):
+            done = _setup(plan, resume=True, restart=False, workers=workers)
+        if done is not None:
+            return done
+        _compute(plan, workers, callback, None)
+        with folder_lock(plan.run.path, command_line(), wait=SHARD_LOCK_WAIT):
+            done = _finished_evaluation(plan.final, plan.fingerprint, plan.keys)
+            if done is not None:  # another shard, finishing at the same time, assembled it
+                return EvalSummary(path=path, split=cfg.split, summary=done, reused=False)
+            missing = plan.missing()
+            if missing:
+                return EvalSummary(path=path, split=cfg.split, summary={}, reused=False,
+                                   waiting=_describe_missing(plan, missing, workers))
+            return _assemble(plan, workers, refresh_report, started)
+
+    if group is None:  # one process
+        with folder_lock(plan.run.path, command_line()):
+            done = _setup(plan, resume, restart, workers)
+            if done is not None:
+                return done
+            _compute(plan, workers, callback, None)
+            return _assemble(plan, workers, refresh_report, started)
+
+    # torchrun ranks: rank 0 holds the folder and sets up; every rank computes its share;
+    # rank 0 assembles once all have posted theirs.
+    prepared, done_phase, written = group.phase("eval-prepared"), group.phase("eval-done"), group.phase("eval-written")
+    if workers.is_main:
+        with folder_lock(plan.run.path, command_line()):
+            done = _setup(plan, resume, restart, workers)
+            group.post(prepared, "reused" if done is not None else "ok")
+            if done is not None:
+                return done
+            _compute(plan, workers, callback, group)
+            group.post(done_phase)
+            group.gather(done_phase, what="computing its share of the batches")
+            summary = _assemble(plan, workers, refresh_report, started)
+            group.post(written)
+            return summary
+    state = group.gather(prepared, ranks=[0], what="setting up the evaluation")[0]
+    if state == "ok":
+        _compute(plan, workers, callback, group)
+        group.post(done_phase)
+        group.gather(written, ranks=[0], what="writing the gaps files")
+    done = _finished_evaluation(plan.final, plan.fingerprint, plan.keys)
+    if done is None:
+        raise GapbenchError(f"{plan.final} is missing or from other inputs after rank 0 wrote it: the run folder "
+                            "must be on a file system that every rank sees")
+    return EvalSummary(path=path, split=cfg.split, summary=done, reused=state != "ok")
+
+
+def _setup(plan: _Plan, resume: bool, restart: bool, workers: Workers) -> Optional[EvalSummary]:
+    """Check the finished work against the inputs: the finished evaluation when it can be reused, else None.
+
+    Drops batches made from other inputs or settings (saying what changed) and
+    writes the stamp naming the stages the gaps file will be made from.
+    """
+    from gapbench import provenance as prov
+
+    cfg, partial = plan.cfg, plan.partial
+    if resume and not restart:
+        done = _finished_evaluation(plan.final, plan.fingerprint, plan.keys)
+        # Settings that no stage depends on (the AIS tolerance, compiling) leave every batch valid,
+        # but the summary judged by them is made again from those batches below.
+        if done is not None and done.get("settings") == jsonable(dataclasses.asdict(cfg)):
+            return EvalSummary(path=plan.gaps_dir / f"{cfg.split}.csv", split=cfg.split, summary=done, reused=True)
+    saved = read_json_or_none(plan.stamp)
+    # A kill during an atomic write leaves its temporary behind; nothing reads it, so clear it.
+    remove_stale_temporaries(partial)
+    finished = sorted(partial.glob("*.pt")) if partial.is_dir() else []
+    if partial.exists() and (saved is None or saved.get("fingerprint") != plan.fingerprint):
+        if finished:
+            why = prov.describe(saved.get("context", {}), plan.context) if saved else "an unreadable settings.json"
+            log.warning("discarding %d finished batches in %s, made with other inputs (%s); "
+                        "recomputing", len(finished), partial, why)
+        shutil.rmtree(partial)
+        saved, finished = None, []
+    elif finished and not resume:
+        # Without --resume everything is recomputed; but batches that an interrupted evaluation
+        # left (ones no gaps file was made from) cost time to redo, so they are never dropped silently.
+        reusable = [f for f in finished if f.name.split("-")[1] in plan.keys.values()]
+        made_final = saved is not None and _finished_evaluation(
+            plan.final, saved.get("fingerprint"), {s: v.get("key") for s, v in saved.get("stages", {}).items()})
+        if reusable and not restart and not made_final:
+            raise GapbenchError(
+                f"{partial} holds {len(reusable)} finished batches of an interrupted evaluation of these inputs: "
+                "pass --resume to keep them, or --restart to discard them and start over"
+            )
+        shutil.rmtree(partial)
+        saved, finished = None, []
+    stages_saved = dict((saved or {}).get("stages", {}))
+    for stage in plan.all_stages:
+        # This stage's batches made with other settings: say what changed, then drop them.
+        stale = [f for f in partial.glob(f"{stage}-*.pt") if f.name.split("-")[1] != plan.keys[stage]] \
+            if partial.is_dir() else []
+        if stale:
             label = stage_label(stage) if stage != "ais_sweep" else "AIS convergence sweep"
-            # This stage's batches made with other settings: say what changed, then drop them.
-            stale = [f for f in partial.glob(f"{stage}-*.pt") if f.name.split("-")[1] != keys[stage]] \
-                if partial.is_dir() else []
-            if stale:
-                before = stages_saved.get(stage, {}).get("settings", {})
-                log.warning("%s settings changed (%s); recomputing %s",
-                            label, prov.describe(before, stage_settings[stage]), label)
-                for f in stale:
-                    f.unlink()
-            stages_saved[stage] = {"key": keys[stage], "settings": stage_settings[stage]}
-            write_stamp()
-            num_batches = 1 if stage == "ais_sweep" else len(batches)
-            todo = [b for b in range(num_batches) if not part(stage, b).exists()]
-            if callback:
-                callback(label, num_batches - len(todo), num_batches)
-            for i, b in enumerate(todo):
-                started = time.time()
-                finished = num_batches - len(todo) + i
+            before = stages_saved.get(stage, {}).get("settings", {})
+            log.warning("%s settings changed (%s); recomputing %s",
+                        label, prov.describe(before, plan.stage_settings[stage]), label)
+            for f in stale:
+                f.unlink()
+    # The stamp describes exactly the stages the gaps file is made from (an interrupted evaluation
+    # is one whose stamp no gaps file matches).
+    plan.write_stamp({s: {"key": plan.keys[s], "settings": plan.stage_settings[s]} for s in plan.all_stages}, workers)
+    return None
 
-                def progress(done, total, label=label, finished=finished, num_batches=num_batches):
-                    if callback and total:
-                        callback(label, finished + min(done / total, 1.0), num_batches)
 
-                seed = _stage_seed(recipe.seed, stage, b)
-                ffg_part = part("local_ffg", b) if "local_ffg" in keys else None
-                if stage == "ais_sweep":
-                    xb = x_all[batches[0][:AIS_SWEEP_POINTS]].to(dev)
+def _compute(plan: _Plan, workers: Workers, callback, group) -> None:
+    """This worker's share of every stage's batches, each saved as soon as it is done.
+
+    Stages run in order (a batch's flow and AIS may start from its FFG fit, on this same
+    worker); a torchrun rank checks between batches whether another rank has failed.
+    """
+    from gapbench import provenance as prov
+    from gapbench.methods import build_method
+
+    cfg, model, x_all, dev, part = plan.cfg, plan.model, plan.x_all, plan.dev, plan.part
+    method = None  # the training method, built when the refined stage first needs it
+    for stage in plan.all_stages:
+        label = stage_label(stage) if stage != "ais_sweep" else "AIS convergence sweep"
+        mine = workers.share(plan.num_batches(stage))
+        todo = [b for b in mine if not part(stage, b).exists()]
+        if callback and mine:
+            callback(label, len(mine) - len(todo), len(mine))
+        for i, b in enumerate(todo):
+            if group is not None:
+                group.check()
+            started = time.time()
+            finished = len(mine) - len(todo) + i
+
+            def progress(done, total, label=label, finished=finished, num_batches=len(mine)):
+                if callback and total:
+                    callback(label, finished + min(done / total, 1.0), num_batches)
+
+            seed = _stage_seed(plan.recipe.seed, stage, b)
+            ffg_part = part("local_ffg", b) if "local_ffg" in plan.keys else None
+            if stage == "ais_sweep":
+                xb = x_all[plan.batches[0][:AIS_SWEEP_POINTS]].to(dev)
+                init = _ais_start(cfg, model, xb, ffg_part)
+                result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress)}
+            elif stage == "refined":
+                xb = x_all[plan.batches[b]].to(dev)
+                if method is None:
+                    method = build_method(model, plan.recipe.train)
+                torch.manual_seed(seed)  # as every stage: the refinement may draw samples
+                cols, family = run_refined(method, model, xb, cfg)
+                progress(1, 1)
+                result = {"columns": {k: v.detach().double().cpu() for k, v in cols.items()}, "traces": {},
+                          "refined_family": family}
+            else:
+                xb = x_all[plan.batches[b]].to(dev)
+                fam_kwargs, init = None, None
+                if stage.startswith("local_"):
+                    family = stage.split("_", 1)[1]
+                    fam_kwargs = local_family_kwargs(family, cfg, plan.recipe.model)
+                    init = _local_start(local_init(family, cfg), model, xb, ffg_part)
+                elif stage == "ais":
                     init = _ais_start(cfg, model, xb, ffg_part)
-                    result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress)}
-                elif stage == "refined":
-                    xb = x_all[batches[b]].to(dev)
-                    if method is None:
-                        method = build_method(model, recipe.train)
-                    torch.manual_seed(seed)  # as every stage: the refinement may draw samples
-                    cols, family = run_refined(method, model, xb, cfg)
-                    progress(1, 1)
-                    result = {"columns": {k: v.detach().double().cpu() for k, v in cols.items()}, "traces": {},
-                              "refined_family": family}
-                else:
-                    xb = x_all[batches[b]].to(dev)
-                    fam_kwargs, init = None, None
-                    if stage.startswith("local_"):
-                        family = stage.split("_", 1)[1]
-                        fam_kwargs = local_family_kwargs(family, cfg, recipe.model)
-                        init = _local_start(local_init(family, cfg), model, xb, ffg_part)
-                    elif stage == "ais":
-                        init = _ais_start(cfg, model, xb, ffg_part)
-                    cols, traces = run_stage(stage, model, xb, cfg, seed, fam_kwargs, init, progress_fn=progress)
-                    result = {
-                        "columns": {k: v.detach().double().cpu() for k, v in cols.items()},
-                        "traces": {k: v.detach().cpu() for k, v in traces.items()},
-                    }
-                result["seconds"] = time.time() - started  # this batch alone; the summary adds them up
-                result["provenance"] = {**prov.with_recorded(context, run, dev), "fingerprint": fingerprint,
-                                        "stage": stage, "stage_key": keys[stage], "settings": stage_settings[stage]}
-                save_torch(part(stage, b), result)
-                if callback:
-                    callback(label, finished + 1, num_batches)
+                cols, traces = run_stage(stage, model, xb, cfg, seed, fam_kwargs, init, progress_fn=progress)
+                result = {
+                    "columns": {k: v.detach().double().cpu() for k, v in cols.items()},
+                    "traces": {k: v.detach().cpu() for k, v in traces.items()},
+                }
+            result["seconds"] = time.time() - started  # this batch alone; the summary adds them up
+            result["provenance"] = {**prov.with_recorded(plan.context, plan.run, dev), "fingerprint": plan.fingerprint,
+                                    "stage": stage, "stage_key": plan.keys[stage],
+                                    "settings": plan.stage_settings[stage], "worker": workers.label()}
+            save_torch(part(stage, b), result)
+            if callback:
+                callback(label, finished + 1, len(mine))
 
-        # The stamp now describes exactly the stages the gaps file is made from (an interrupted evaluation
-        # is one whose stamp no gaps file matches).
-        stages_saved = {s: stages_saved[s] for s in all_stages}
-        write_stamp()
-        summary = write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev,
-                          provenance={**prov.with_recorded(context, run, dev), "fingerprint": fingerprint,
-                                      "stages": stages_saved})
-        if refresh_report:
-            _refresh_report(run.path, cfg.split)
+
+def _assemble(plan: _Plan, workers: Workers, refresh_report: bool, started: float) -> EvalSummary:
+    """Write gaps/<split>.csv and .json from every finished batch (all must be there)."""
+    from gapbench import provenance as prov
+
+    missing = plan.missing()
+    if missing:
+        raise GapbenchError(_describe_missing(plan, missing, workers) + "; the run folder must be on a file system "
+                            "that every process sees")
+    stages_saved = {s: {"key": plan.keys[s], "settings": plan.stage_settings[s]} for s in plan.all_stages}
+    layout = {"kind": workers.kind, "world_size": workers.world_size, "wall_seconds": round(time.time() - started, 3)}
+    summary = write_gaps_files(plan.run, plan.cfg, plan.recipe, plan.idx, plan.batches, plan.stages, plan.families,
+                               plan.recipe.model.encoder, plan.part, plan.dev,
+                               provenance={**prov.with_recorded(plan.context, plan.run, plan.dev),
+                                           "fingerprint": plan.fingerprint, "stages": stages_saved, "layout": layout})
+    if refresh_report:
+        _refresh_report(plan.run.path, plan.cfg.split)
     return summary
+
+
+def _merge(plan: _Plan, refresh_report: bool) -> EvalSummary:
+    """``--merge``: the gaps files from the shards' finished batches, or an error naming the missing ones."""
+    from gapbench import provenance as prov
+
+    saved = read_json_or_none(plan.stamp)
+    if saved is None:
+        raise GapbenchError(f"{plan.partial} holds no shards' batches for these inputs: run the shards first "
+                            f"(gapbench evaluate-gaps {plan.run.path} --shard I/N)")
+    if saved.get("fingerprint") != plan.fingerprint:
+        raise GapbenchError(
+            f"the batches in {plan.partial} were made from other inputs ({prov.describe(saved.get('context', {}), plan.context)}); "
+            "rerun the shards with these inputs")
+    layout = saved.get("layout") or {}
+    workers = Workers(world_size=int(layout.get("world_size", 1)), kind=layout.get("kind", "shard"))
+    missing = plan.missing()
+    if missing:
+        raise GapbenchError(_describe_missing(plan, missing, workers) + ": rerun those shards, then --merge again")
+    done = _finished_evaluation(plan.final, plan.fingerprint, plan.keys)
+    if done is not None:
+        return EvalSummary(path=plan.gaps_dir / f"{plan.cfg.split}.csv", split=plan.cfg.split, summary=done,
+                           reused=True)
+    return _assemble(plan, workers, refresh_report, time.time())
+
+
+def _describe_missing(plan: _Plan, missing: List[tuple], workers: Workers) -> str:
+    """'missing batches 1, 3 (local flow 2, AIS 2; shard 1/2)': which batches, of which stages and workers."""
+    batches = sorted({b for _, b in missing})
+    per_stage = {}
+    for s, b in missing:
+        per_stage.setdefault(s, []).append(b)
+    stages = "; ".join(f"{s}: {len(bs)}" for s, bs in per_stage.items())
+    owners = ""
+    if workers.world_size > 1:
+        who = sorted({workers.owner(b) for b in batches})
+        owners = f", from {', '.join(workers.label(r) for r in who)}"
+    shown = ", ".join(str(b) for b in batches[:12]) + (f" and {len(batches) - 12} more" if len(batches) > 12 else "")
+    return (f"{plan.partial}: {len(missing)} of {sum(plan.num_batches(s) for s in plan.all_stages)} stage batches "
+            f"missing, batches {shown} of {len(plan.batches)} ({stages}{owners})")
 
 
 def _finished_evaluation(final: Path, fingerprint: str, keys: Dict[str, str]) -> Optional[Dict]:

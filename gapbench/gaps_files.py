@@ -34,10 +34,14 @@ class EvalSummary:
     split: str
     summary: Dict
     reused: bool = False  # True: an up-to-date evaluation was found and nothing was computed
+    waiting: str = ""  # an array shard that finished its share before the others: what is still missing
 
     def summary_line(self) -> str:
         from gapbench.convergence import summary_text
 
+        if self.waiting:
+            return (f"this shard's batches are done; {self.waiting}. The last shard to finish writes {self.path} "
+                    "(or, once all have run: the same command with --merge in place of --shard)")
         s = self.summary["stats"]
 
         def fmt(key):

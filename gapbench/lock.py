@@ -64,12 +64,22 @@ def _holder(fd: int) -> str:
     return what
 
 
+def _holder_note(fd: int) -> dict:
+    """The holder's note, read once ({} while it is being written)."""
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
 @contextlib.contextmanager
-def folder_lock(folder, command: str = "gapbench") -> Iterator[Path]:
+def folder_lock(folder, command: str = "gapbench", wait: float = 0.0) -> Iterator[Path]:
     """Hold ``folder``'s writer lock for the ``with`` block; raise :class:`FolderInUse` if another process has it.
 
     ``folder`` is created if needed (its parents too); ``command`` is recorded for
-    the message a refused writer sees.
+    the message a refused writer sees. ``wait`` > 0 (array shards, which hold the
+    folder only for moments): wait up to that many seconds for a holder that also
+    passed ``wait``; a holder that did not (a whole run) is refused at once.
     """
     import fcntl
 
@@ -91,21 +101,28 @@ def folder_lock(folder, command: str = "gapbench") -> Iterator[Path]:
             raise GapbenchError(
                 f"cannot write to {folder}: {exc.strerror}; choose another --out (or a folder you can write)"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                holder = _holder(fd)
-                os.close(fd)
-                raise FolderInUse(
-                    f"{folder} is in use by {holder}: wait for it to finish, or choose another --out"
-                ) from None
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                log.warning("%s: this file system does not support locks; nothing stops a second writer", folder)
-            else:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    note = _holder_note(fd)  # a holder that has only just taken the lock may not have written it
+                    if wait > 0 and time.monotonic() < deadline and (note.get("brief") or not note.get("pid")):
+                        time.sleep(0.1)
+                        continue
+                    holder = _holder(fd)
+                    os.close(fd)
+                    raise FolderInUse(
+                        f"{folder} is in use by {holder}: wait for it to finish, or choose another --out"
+                    ) from None
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    log.warning("%s: this file system does not support locks; nothing stops a second writer", folder)
+                    break
                 os.close(fd)
                 raise
-        note = json.dumps({"pid": os.getpid(), "command": command}).encode()
+        note = json.dumps({"pid": os.getpid(), "command": command, **({"brief": True} if wait > 0 else {})}).encode()
         os.pwrite(fd, note, 0)  # written over the last holder's note, then cut to length: never empty
         os.ftruncate(fd, len(note))
         with _GUARD:

@@ -24,8 +24,9 @@ import torch
 from gapbench import __version__
 from gapbench.io import git_state
 
-# Recorded with a result, never compared: they change without changing the numbers.
-RECORDED_ONLY = ("date", "device_name", "checkpoint_epoch")
+# Recorded with a result, never compared: they change without changing the numbers (layout: the
+# processes that computed it, gapbench.scale).
+RECORDED_ONLY = ("date", "device_name", "checkpoint_epoch", "layout")
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -242,6 +242,21 @@ class Team:
                 return r
         return None
 
+    def check(self) -> None:
+        """Raise :class:`RankFailed` if another rank has failed or gone silent (between units of work)."""
+        others = [r for r in range(self.workers.world_size) if r != self.workers.rank]
+        failure = self._failure(others)
+        if failure:
+            raise RankFailed(f"{self.workers.label()} stops: {failure}")
+        silent = self._silent(others)
+        if silent is not None:
+            raise RankFailed(self._silence(silent, ""))
+
+    def _silence(self, rank: int, what: str) -> str:
+        return (f"{self.workers.label()} stops: {self.workers.label(rank)} has not answered for "
+                f"{self.timeout:.0f} s{' while ' + what if what else ''} (killed, or its node lost); "
+                "rerun the same command with --resume to compute only what is missing")
+
     def gather(self, phase: str, ranks: Optional[Iterable[int]] = None, what: str = "") -> Dict[int, str]:
         """Every rank's value for ``phase`` once all have posted it."""
         ranks = list(range(self.workers.world_size)) if ranks is None else list(ranks)
@@ -255,10 +270,7 @@ class Team:
                 return {r: self.store.get(k).decode() for r, k in keys.items()}
             silent = self._silent(r for r in ranks if r != self.workers.rank)
             if silent is not None:
-                raise RankFailed(
-                    f"{self.workers.label()} stops: {self.workers.label(silent)} has not answered for "
-                    f"{self.timeout:.0f} s{' while ' + what if what else ''} (killed, or its node lost); "
-                    "rerun the same command with --resume to compute only the missing batches")
+                raise RankFailed(self._silence(silent, what))
             time.sleep(POLL_SECONDS)
 
     def close(self) -> None:

@@ -125,7 +125,8 @@ def _fake_train(r, run_dir, device=None, resume=False, callback=None):
     return SimpleNamespace(summary_line=lambda: "trained 3 epochs into the run folder")
 
 
-def _fake_evaluate(run_dir, overrides=(), device=None, resume=False, callback=None, settings_from=None, restart=False):
+def _fake_evaluate(run_dir, overrides=(), device=None, resume=False, callback=None, settings_from=None, restart=False,
+                   workers=None, merge=False):
     for done in (0, 0.5, 1.25, 2):
         callback("AIS", done, 2)
     return SimpleNamespace(summary_line=lambda: "gaps of 12 points written", reused=False)
