@@ -167,18 +167,25 @@ def datasets(data_dir: Optional[str], download_names: Sequence[str]) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @quiet_option
 def train(recipe: str, overrides, out: Optional[str], device: Optional[str], resume: bool, quiet: bool) -> None:
-    """Train the VAE a RECIPE describes; writes checkpoint.pt, train_log.csv, recipe.yaml, meta.json."""
+    """Train the VAE a RECIPE describes; writes checkpoint.pt, train_log.csv, recipe.yaml, meta.json.
+
+    \b
+    Under torchrun, vae and iwae train data-parallel (the global batch split across the ranks):
+      torchrun --nproc-per-node 4 -m gapbench.cli train RECIPE --out DIR
+    """
     from gapbench.recipe import load_recipe
-    from gapbench.train import train_run
+    from gapbench.train import train_run, training_workers
 
     r = load_recipe(recipe, overrides)
     run_dir = Path(out) if out else Path("runs") / r.name
-    bar = _TrainBar(r.train.num_epochs, enabled=not _quiet(quiet))
+    main = training_workers().is_main  # under torchrun, rank 0 alone draws and prints
+    bar = _TrainBar(r.train.num_epochs, enabled=main and not _quiet(quiet))
     try:
         result = train_run(r, run_dir, device=device, resume=resume, callback=bar)
     finally:
         bar.close()
-    click.echo(result.summary_line())
+    if main:
+        click.echo(result.summary_line())
 
 
 @cli.command("evaluate-gaps")

@@ -110,13 +110,24 @@ def evaluation_split(inputs: Inputs, recipe: Recipe, name: str) -> torch.Tensor:
     return x
 
 
-def training_batch(inputs: Inputs, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A training batch as the model sees it: a fresh Bernoulli draw when binarization is dynamic."""
+def training_batch(inputs: Inputs, x: torch.Tensor, generator: torch.Generator,
+                   rows_of: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """A training batch as the model sees it: a fresh Bernoulli draw when binarization is dynamic.
+
+    ``rows_of=(total, start)``: x [n, ...] is rows [start, start + n) of a batch of ``total`` (one
+    data-parallel process's share); the draw is made for the whole batch and these rows kept, so
+    they get what one process would draw for them and ``generator`` advances as for the whole batch.
+    """
     if not inputs.dynamic:
         return x
     from gapbench import data
 
-    return data.binarize(x, "static", generator=generator)
+    if rows_of is None:
+        return data.binarize(x, "static", generator=generator)
+    total, start = rows_of
+    whole = x.new_zeros((total,) + tuple(x.shape[1:]))  # the other rows' pixels: placeholders
+    whole[start : start + x.shape[0]] = x
+    return data.binarize(whole, "static", generator=generator)[start : start + x.shape[0]]
 
 
 def build_model(recipe: Recipe, inputs: Inputs):

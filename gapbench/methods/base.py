@@ -11,7 +11,7 @@ offer a test-time refinement of the encoder's q (:meth:`Method.refine`), which
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,22 @@ class StepResult:
 
     objective: Tensor
     elbo: Tensor
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """This process's rows [start, start + n) of a global batch of ``total`` rows, in data-parallel training.
+
+    ``reduce(params, loss)`` sums every process's gradients of ``params`` (in place) and their
+    losses, and returns the summed loss; it is collective, so every process calls it each step.
+    ``counted`` False: the process has no rows of this batch (fewer rows than processes) and steps
+    on a stand-in row of another's, which draws the batch's noise and joins the sum but adds zero.
+    """
+
+    total: int
+    start: int
+    reduce: Callable[[List[nn.Parameter], Tensor], Tensor]
+    counted: bool = True
 
 
 def encoder_parameters(model) -> List[nn.Parameter]:
@@ -74,6 +90,11 @@ class Method:
     #: What the method does to each datapoint's FFG parameters, for methods that need an FFG encoder
     #: (None: any encoder); :meth:`check` refuses other encoders with it.
     refines_ffg: Optional[str] = None
+    #: Whether the method trains data-parallel under torchrun: its step takes :attr:`share` into account.
+    data_parallel: bool = False
+    #: This process's share of the step's global batch, set by train before each data-parallel step;
+    #: None in one process.
+    share: Optional[BatchShare] = None
 
     def __init__(self, model, train_cfg, settings=None):
         self.model, self.train_cfg, self.settings = model, train_cfg, settings
@@ -139,17 +160,36 @@ class Method:
         self.load_extra_state(state.get("extra", {}))
 
     # ----------------------------------------------------------------- helpers
+    def batch_mean(self, values: Tensor) -> Tensor:
+        """The global batch's mean of per-datapoint ``values`` [n], as this process's part of it.
+
+        One process: values.mean(). Under :attr:`share`: values.sum() / total, whose sum over the
+        processes (what :attr:`share`'s reduce forms, gradients included) is the global mean,
+        however unevenly the rows are shared; a stand-in row (not ``counted``) adds zero.
+        """
+        if self.share is None:
+            return values.mean()
+        if not self.share.counted:
+            return values[:0].sum()  # zero, with zero gradients for every parameter it reaches
+        return values.sum() / self.share.total
+
     def apply(self, loss: Tensor, optimizers: Optional[Iterable[str]] = None,
               params: Optional[List[nn.Parameter]] = None) -> None:
         """Backpropagate ``loss`` and step ``optimizers`` (default: all), clipping the gradient norm of
         ``params`` (default: the model's) at ``train.max_grad_norm`` when set. A non-finite loss raises
-        :class:`NonFiniteLoss` before anything changes."""
-        if not torch.isfinite(loss):
+        :class:`NonFiniteLoss` before anything changes. Under :attr:`share` the gradients and the loss
+        are first summed over the processes (``loss`` is this process's part, see :meth:`batch_mean`),
+        and every process raises alike when the summed loss is not finite."""
+        if self.share is None and not torch.isfinite(loss):
             raise NonFiniteLoss(loss.item())
         names = list(self.optimizers) if optimizers is None else list(optimizers)
         for k in names:
             self.optimizers[k].zero_grad(set_to_none=True)
         loss.backward()
+        if self.share is not None:
+            total_loss = self.share.reduce(list(self.model.parameters()), loss.detach())
+            if not torch.isfinite(total_loss):
+                raise NonFiniteLoss(total_loss.item())
         if self.train_cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters() if params is None else params,
                                            self.train_cfg.max_grad_norm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from gapbench.methods.base import Method, StepResult, elbo_terms
+from gapbench.models.posterior import BatchRowsPosterior
 from gapbench.ops import logmeanexp
 
 
@@ -16,15 +17,19 @@ class VAE(Method):
     name = "vae"
     paper = "Kingma & Welling 2014, Auto-Encoding Variational Bayes"
     objective = "E_q[log p(x|z)] - beta KL(q(z|x) || p(z)), train.num_samples samples"
+    data_parallel = True
 
     def bound(self, log_lik: Tensor, log_ratio: Tensor, beta: float) -> Tensor:
         """The per-datapoint objective [N] from log p(x|z) and log p(z) - log q(z), both [S, N]."""
         return (log_lik + beta * log_ratio).mean(0)
 
     def step(self, x, beta):
-        log_lik, log_ratio = elbo_terms(self.model, x, self.model.posterior(x), self.train_cfg.num_samples)
+        q = self.model.posterior(x)
+        if self.share is not None:  # x is rows of a global batch: draw the noise one process would
+            q = BatchRowsPosterior(q, self.share.total, self.share.start)
+        log_lik, log_ratio = elbo_terms(self.model, x, q, self.train_cfg.num_samples)
         obj = self.bound(log_lik, log_ratio, beta)
-        self.apply(-obj.mean())
+        self.apply(-self.batch_mean(obj))
         return StepResult(obj.detach(), (log_lik + log_ratio).mean(0).detach())
 
 

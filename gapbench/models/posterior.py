@@ -98,6 +98,54 @@ class FamilyPosterior(Posterior):
         return f"FamilyPosterior({self.family.name}, N={self._num_points}, D={self.latent_dim})"
 
 
+class BatchRowsPosterior(Posterior):
+    """Rows [start, start + n) of q over a batch of ``total`` datapoints, given those rows' q alone.
+
+    z_i = the sample the whole batch's q would give row start + i from the same generator state:
+    the family is sampled for all ``total`` rows (the other rows' per-datapoint parameters are
+    zero placeholders, the shared ones [1, ...] broadcast) and the rows kept. Data-parallel
+    training gives each process its rows of a global batch this way, so every process draws the
+    noise one process would and all generators stay in step; one process never uses it. The cost:
+    the family's own computation (a flow's networks) runs over the whole batch, the encoder and
+    the decoder over the rows only.
+    """
+
+    def __init__(self, q: FamilyPosterior, total: int, start: int):
+        if not 0 <= start <= start + q.num_points <= total:
+            raise ValueError(f"rows [{start}, {start + q.num_points}) are not within a batch of {total}")
+        self.q, self.total, self.start = q, int(total), int(start)
+        self.exact_log_prob = q.exact_log_prob
+
+    @property
+    def num_points(self) -> int:
+        return self.q.num_points
+
+    @property
+    def latent_dim(self) -> int:
+        return self.q.latent_dim
+
+    def sample_and_log_prob(self, num_samples: int) -> Tuple[Tensor, Tensor]:
+        n = self.q.num_points
+        if n == self.total:
+            return self.q.sample_and_log_prob(num_samples)
+        rows = slice(self.start, self.start + n)
+
+        def whole(v: Tensor) -> Tensor:
+            """[n, ...] -> [total, ...] with v at the rows (when n = 1, shared [1, ...] tensors too: harmless)."""
+            if v.shape[0] != n:
+                return v
+            before = v.new_zeros((self.start,) + tuple(v.shape[1:]))
+            after = v.new_zeros((self.total - self.start - n,) + tuple(v.shape[1:]))
+            return torch.cat([before, v, after])
+
+        params = {k: whole(v) for k, v in self.q.params.items()}
+        z, log_q = self.q.family.sample_and_log_prob(params, num_samples, self.total)  # [S, total, D], [S, total]
+        return z[:, rows], log_q[:, rows]
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return self.q.log_prob(z)
+
+
 class DistributionPosterior(Posterior):
     """Adapter: a torch Distribution with batch shape [N] and event shape [D]."""
 
