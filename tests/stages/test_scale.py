@@ -251,3 +251,17 @@ def test_shards_wait_for_each_others_brief_holds_but_not_for_a_whole_run(tmp_pat
                     pass
             assert time.monotonic() - started < 5
         p.wait(timeout=30)
+
+
+def test_the_repository_array_script_runs_as_three_tasks(one_process, trained_tiny, tmp_path):
+    """scripts/slurm/evaluate_array.sbatch, run as a scheduler would run its three array tasks."""
+    script = REPO_ROOT / "scripts" / "slurm" / "evaluate_array.sbatch"
+    run = _copy(trained_tiny, tmp_path / "run")
+    env = _env(tmp_path, RUN=str(run), SLURM_ARRAY_TASK_COUNT="3", SLURM_ARRAY_TASK_MIN="0",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    for task in (1, 0, 2):
+        proc = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": str(task)}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert ("this shard's batches are done" in proc.stdout) == (task != 2)
+    assert (run / "gaps" / "test.csv").read_bytes() == (one_process / "gaps" / "test.csv").read_bytes()
