@@ -7,9 +7,12 @@ nothing that finished. Each (stage, batch) runs under its own seed, so a
 resumed evaluation gives exactly the numbers of an uninterrupted one on CPU.
 A run trained with a method that refines the encoder's q at test time
 (``Method.refines``) gets the stage "refined", L[q_refined], after the amortized one.
-The outputs ``gaps/<split>.csv`` (one row per datapoint) and
-``gaps/<split>.json`` (summary, settings, convergence traces) are written
-atomically at the end.
+When the recipe asks for diagnostics of the model (``evaluate.diagnostics``:
+active units, mutual information, the decoder's Jacobian, the q~_k curve), they are
+one more unit of work, the stage "diagnostics", on all the evaluated points at once.
+The outputs ``gaps/<split>.csv`` (one row per datapoint, with its class label when
+the dataset has labels) and ``gaps/<split>.json`` (summary, diagnostics, settings,
+convergence traces) are written atomically at the end.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from gapbench.gaps import local_family_kwargs, local_init, run_ais, run_refined,
 from gapbench.gaps_files import GAPS_DIR, EvalSummary, jsonable, load_batch, write_gaps_files
 from gapbench.io import read_json_or_none, remove_stale_temporaries, save_torch, write_json
 from gapbench.lock import command_line, folder_lock
-from gapbench.recipe import Recipe
+from gapbench.recipe import MODEL_DIAGNOSTICS, Recipe
 from gapbench.scale import SINGLE, RankFailed, Workers
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,16 @@ log = logging.getLogger(__name__)
 # 1.0 give the change of the estimate over the last doubling of steps, the convergence check.
 AIS_SWEEP_FRACTIONS = (0.01, 0.03, 0.1, 0.3, 0.5, 1.0)
 AIS_SWEEP_POINTS = 20
+
+# Settings of the diagnostics stage that recipes leave fixed (they enter its key): the active-unit
+# threshold of Burda et al. (2016); samples of z per point for I(x; z) and for the decoder's Jacobian;
+# a singular value under 1e-3 of the largest counts as unused; IWAE_k averaged over >= 1000 samples per k.
+DIAGNOSTIC_SETTINGS = {
+    "active_units": {"threshold": 0.01, "num_samples": 1000},
+    "mutual_information": {"num_samples": 10},
+    "jacobian": {"num_samples": 1, "relative_threshold": 1e-3},
+    "iwae_curve": {"min_samples_per_k": 1000},
+}
 
 # How long an array shard waits for another shard's brief hold of the run folder (setting up, assembling).
 SHARD_LOCK_WAIT = 600.0
@@ -81,6 +94,7 @@ class _Plan:
     idx: torch.Tensor
     model: object
     refines: bool
+    labels: Optional[torch.Tensor]  # class labels of the chosen points [len(idx)], or None
     stages: List[str]
     families: List[str]
     all_stages: List[str]
@@ -114,7 +128,7 @@ class _Plan:
         return self.partial / f"{stage}-{self.keys[stage]}-{b:04d}.pt"
 
     def num_batches(self, stage: str) -> int:
-        return 1 if stage == "ais_sweep" else len(self.batches)
+        return 1 if stage in ("ais_sweep", "diagnostics") else len(self.batches)
 
     def missing(self) -> List[tuple]:
         """The (stage, batch) pairs whose results are not on disk."""
@@ -202,12 +216,17 @@ def _plan(run_dir, overrides, device, settings_from, workers: Workers) -> _Plan:
     configure_threads(recipe)
     x_all = evaluation_split(inputs, recipe, cfg.split)
     idx = select_points(x_all.shape[0], cfg.num_points, recipe.seed, cfg.split)
+    labels = inputs.labels(cfg.split)
+    if labels is not None and labels.shape[0] != x_all.shape[0]:
+        raise GapbenchError(f"the {cfg.split} split of {recipe.data.dataset} has {x_all.shape[0]} images but "
+                            f"{labels.shape[0]} labels; its files are damaged: get the dataset again")
     check_memory(recipe, inputs, dev)
     model = load_trained_model(run, inputs, dev)
     refines = bool(getattr(get_method(method_name(recipe.train)), "refines", False))
     stages = stage_names(cfg, recipe.model.encoder, refines=refines)
     families = [s.split("_", 1)[1] for s in stages if s.startswith("local_")]
     all_stages = stages + (["ais_sweep"] if cfg.ais.enabled else [])
+    all_stages += ["diagnostics"] if _model_diagnostics(cfg) else []
     stage_settings = {stage: _stage_settings(stage, cfg, recipe.train) for stage in all_stages}
     keys = {stage: prov.fingerprint({"stage": stage, **stage_settings[stage]})[:8] for stage in all_stages}
     # What every result depends on besides its stage's settings: the checkpoint, the data
@@ -215,8 +234,9 @@ def _plan(run_dir, overrides, device, settings_from, workers: Workers) -> _Plan:
     context = prov.evaluation_context(run, recipe, idx, x_all[idx], dev)
     batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
     return _Plan(run=run, recipe=recipe, dev=dev, x_all=x_all, idx=idx, model=model, refines=refines,
-                 stages=stages, families=families, all_stages=all_stages, stage_settings=stage_settings, keys=keys,
-                 context=context, fingerprint=prov.fingerprint(context), batches=batches)
+                 labels=None if labels is None else labels[idx], stages=stages, families=families,
+                 all_stages=all_stages, stage_settings=stage_settings, keys=keys, context=context,
+                 fingerprint=prov.fingerprint(context), batches=batches)
 
 
 def _evaluate(run_dir, overrides, device, resume, callback, settings_from, restart, refresh_report,
@@ -327,7 +347,7 @@ def _setup(plan: _Plan, resume: bool, restart: bool, workers: Workers) -> Option
         stale = [f for f in partial.glob(f"{stage}-*.pt") if f.name.split("-")[1] != plan.keys[stage]] \
             if partial.is_dir() else []
         if stale:
-            label = stage_label(stage) if stage != "ais_sweep" else "AIS convergence sweep"
+            label = _label(stage)
             before = stages_saved.get(stage, {}).get("settings", {})
             log.warning("%s settings changed (%s); recomputing %s",
                         label, prov.describe(before, plan.stage_settings[stage]), label)
@@ -351,7 +371,7 @@ def _compute(plan: _Plan, workers: Workers, callback, group) -> None:
     cfg, model, x_all, dev, part = plan.cfg, plan.model, plan.x_all, plan.dev, plan.part
     method = None  # the training method, built when the refined stage first needs it
     for stage in plan.all_stages:
-        label = stage_label(stage) if stage != "ais_sweep" else "AIS convergence sweep"
+        label = _label(stage)
         mine = workers.share(plan.num_batches(stage))
         todo = [b for b in mine if not part(stage, b).exists()]
         if callback and mine:
@@ -372,6 +392,10 @@ def _compute(plan: _Plan, workers: Workers, callback, group) -> None:
                 xb = x_all[plan.batches[0][:AIS_SWEEP_POINTS]].to(dev)
                 init = _ais_start(cfg, model, xb, ffg_part)
                 result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress)}
+            elif stage == "diagnostics":
+                xb = x_all[plan.idx].to(dev)  # every evaluated point: a spread over x, an aggregate posterior
+                summaries, per_point = _diagnostics(model, xb, cfg, seed, progress)
+                result = {"columns": {}, "traces": {}, "diagnostics": summaries, "per_point": per_point}
             elif stage == "refined":
                 xb = x_all[plan.batches[b]].to(dev)
                 if method is None:
@@ -416,6 +440,7 @@ def _assemble(plan: _Plan, workers: Workers, refresh_report: bool, started: floa
     layout = {"kind": workers.kind, "world_size": workers.world_size, "wall_seconds": round(time.time() - started, 3)}
     summary = write_gaps_files(plan.run, plan.cfg, plan.recipe, plan.idx, plan.batches, plan.stages, plan.families,
                                plan.recipe.model.encoder, plan.part, plan.dev,
+                               labels=None if plan.labels is None else plan.labels.numpy(),
                                provenance={**prov.with_recorded(plan.context, plan.run, plan.dev),
                                            "fingerprint": plan.fingerprint, "stages": stages_saved, "layout": layout})
     if refresh_report:
@@ -484,12 +509,29 @@ def _refresh_report(run_path: Path, split: str) -> None:
         rebuild_report(out, default_runs=[run_path], default_split=split)
 
 
+def _label(stage: str) -> str:
+    """A stage's name in progress bars and warnings."""
+    return {"ais_sweep": "AIS convergence sweep", "diagnostics": "diagnostics"}.get(stage) or stage_label(stage)
+
+
+def _model_diagnostics(cfg) -> List[str]:
+    """The diagnostics of the stage "diagnostics" that ``cfg`` asks for, in a fixed order."""
+    return [name for name in MODEL_DIAGNOSTICS if name in cfg.diagnostics]
+
+
 def _stage_settings(stage: str, cfg, train_cfg=None) -> Dict:
     """The settings a stage's results depend on (its key is a hash of them).
 
     The refined stage depends on what its training method is built from: the method, its own
     section of the train settings (``train.<method>``) and the train section's plain keys.
+    The diagnostics stage depends on which diagnostics it computes and their settings.
     """
+    if stage == "diagnostics":
+        names = _model_diagnostics(cfg)
+        settings = {name: dict(DIAGNOSTIC_SETTINGS[name]) for name in names}
+        if "iwae_curve" in settings:
+            settings["iwae_curve"].update(ks=list(cfg.diagnostic_ks), elbo_samples=cfg.elbo_samples)
+        return {"diagnostics": names, "settings": settings}
     if stage == "amortized":
         return {"elbo_samples": cfg.elbo_samples}
     if stage == "refined":
@@ -517,6 +559,44 @@ def _stage_settings(stage: str, cfg, train_cfg=None) -> Dict:
         return relevant
     # local fits; a flow started at q*_FFG depends on the FFG fit's settings too
     return dataclasses.asdict(cfg.local)
+
+
+def _diagnostics(model, x, cfg, seed: int, progress_fn=None):
+    """The model diagnostics ``cfg`` asks for on x [N, ...]: (summaries as plain numbers, per-point tensors).
+
+    Each diagnostic draws from its own seed, derived from ``seed`` and its name, so its numbers do not
+    depend on which others are computed. ``progress_fn(done, total)`` counts diagnostics.
+    """
+    from gapbench import diagnostics as diag
+
+    names = _model_diagnostics(cfg)
+    summaries: Dict[str, Dict] = {}
+    per_point: Dict[str, torch.Tensor] = {}
+    for i, name in enumerate(names):
+        own_seed = _stage_seed(seed, name, 0)
+        settings = DIAGNOSTIC_SETTINGS[name]
+        if name == "active_units":
+            res = diag.active_units(model, x, threshold=settings["threshold"], num_samples=settings["num_samples"],
+                                    seed=own_seed)
+            summaries[name] = {**res.to_dict(), "latent_dim": int(res.activity.numel())}
+        elif name == "mutual_information":
+            res = diag.mutual_information(model, x, num_samples=settings["num_samples"], seed=own_seed)
+            summaries[name] = res.to_dict()
+            per_point["mutual_information"] = res.per_point.cpu()
+        elif name == "jacobian":
+            res = diag.decoder_jacobian_spectrum(model, x, num_samples=settings["num_samples"],
+                                                 relative_threshold=settings["relative_threshold"], seed=own_seed)
+            summaries[name] = {**res.to_dict(), "latent_dim": int(res.singular_values.shape[-1]),
+                               "num_points": int(x.shape[0])}
+            per_point["jacobian_num_used"] = res.num_used.cpu()  # [S, N]
+        else:  # iwae_curve
+            res = diag.iwae_gap_curve(model, x, ks=cfg.diagnostic_ks, num_elbo_samples=cfg.elbo_samples,
+                                      min_samples_per_k=settings["min_samples_per_k"], seed=own_seed)
+            summaries[name] = res.to_dict()
+            per_point["iwae_curve_gap"] = res.gap.cpu()  # [K, N]
+        if progress_fn is not None:
+            progress_fn(i + 1, len(names))
+    return summaries, per_point
 
 
 def _sweep_grid(num_steps: int) -> List[int]:

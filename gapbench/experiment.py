@@ -44,7 +44,11 @@ def resolve_device(requested: Optional[str]) -> torch.device:
 
 @dataclass
 class Inputs:
-    """Model-ready splits [N, C, H, W] in [0, 1], and how training batches are drawn."""
+    """Model-ready splits [N, C, H, W] in [0, 1], and how training batches are drawn.
+
+    ``*_labels``: each split's int64 class labels [N], row for row with its images; None for a
+    dataset without labels.
+    """
 
     train: torch.Tensor
     valid: torch.Tensor
@@ -54,9 +58,16 @@ class Inputs:
     dynamic: bool  # True: each training batch is binarized afresh (see ``training_batch``)
     source: str
     description: str
+    train_labels: Optional[torch.Tensor] = None
+    valid_labels: Optional[torch.Tensor] = None
+    test_labels: Optional[torch.Tensor] = None
 
     def split(self, name: str) -> torch.Tensor:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+    def labels(self, name: str) -> Optional[torch.Tensor]:
+        """The class labels [N] of split ``name``, or None when the dataset has none."""
+        return {"train": self.train_labels, "valid": self.valid_labels, "test": self.test_labels}[name]
 
 
 def load_inputs(recipe: Recipe) -> Inputs:
@@ -79,6 +90,9 @@ def load_inputs(recipe: Recipe) -> Inputs:
         quantize_bits=d.quantize_bits,
     )
     train = ds.train if d.num_train is None else ds.train[: d.num_train]
+    train_labels = ds.train_labels
+    if train_labels is not None and d.num_train is not None:
+        train_labels = train_labels[: d.num_train]
     splits = {"train": train, "valid": ds.valid, "test": ds.test}
     if d.binarize in ("threshold", "static", "dynamic"):
         mode = "threshold" if d.binarize == "threshold" else "static"
@@ -96,6 +110,9 @@ def load_inputs(recipe: Recipe) -> Inputs:
         dynamic=d.binarize == "dynamic",
         source=str(ds.source),
         description=ds.description,
+        train_labels=train_labels,
+        valid_labels=ds.valid_labels,
+        test_labels=ds.test_labels,
     )
 
 

@@ -116,9 +116,45 @@ def ais_convergence(runs) -> "plt.Figure":
     return fig
 
 
+def _iwae_curve(r):
+    return (r.summary.get("diagnostics") or {}).get("iwae_curve")
+
+
+def iwae_gap_curve(runs) -> "plt.Figure":
+    """IWAE_k − L[q] against k, one curve per run with a band of ± one standard error over datapoints.
+
+    The gap that importance sampling with k draws from q closes (Cremer, Morris & Duvenaud 2017): 0 at
+    k = 1, rising toward the inference gap log p̂(x) − L[q] (dotted, from the gaps table) as k grows.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, r in enumerate(runs):
+        curve = _iwae_curve(r)
+        if not curve:
+            continue
+        ks = np.array(curve["ks"], dtype=float)
+        mean = np.array(curve["gap_mean"], dtype=float)  # JSON null (no finite point) -> NaN
+        se = np.nan_to_num(np.array(curve["gap_se"], dtype=float))
+        color = f"C{i}"
+        ax.plot(ks, mean, marker="o", color=color, label=f"{r.label} ({curve['num_finite']} points)")
+        ax.fill_between(ks, mean - se, mean + se, color=color, alpha=0.2, linewidth=0)
+        gap = r.summary.get("stats", {}).get("inference_gap")
+        if gap and gap.get("mean") is not None:
+            ax.axhline(gap["mean"], color=color, linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.axhline(0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("k (importance samples from q)")
+    ax.set_ylabel("IWAE_k − L[q] (nats)")
+    ax.set_title("Inference gap closed by q̃_k (dotted: log p̂(x) − L[q]; bands: ± SE)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def all_figures(runs: Sequence) -> Iterator[Tuple[str, "plt.Figure"]]:
     yield "gaps_stacked", gaps_stacked(runs)
     yield "gap_distributions", gap_distributions(runs)
     yield "local_convergence", local_convergence(runs)
     if any(r.summary.get("traces", {}).get("ais_sweep") for r in runs):
         yield "ais_convergence", ais_convergence(runs)
+    if any(_iwae_curve(r) for r in runs):
+        yield "iwae_gap_curve", iwae_gap_curve(runs)

@@ -1,10 +1,12 @@
 """The gaps files of an evaluation: the per-datapoint table and its summary, made from the saved batches.
 
-``gaps/<split>.csv`` has one row per datapoint (every estimate, gap, convergence
-and order flag); ``gaps/<split>.json`` the means and standard errors, violations,
-convergence (:mod:`gapbench.convergence`) and its warnings, the settings, the
-provenance (:mod:`gapbench.provenance`) and convergence traces. Both are written
-atomically, and only from batches whose provenance matches the evaluation's.
+``gaps/<split>.csv`` has one row per datapoint (its index into the split, its class
+label when the dataset has labels, every estimate, gap, convergence and order flag);
+``gaps/<split>.json`` the means and standard errors, violations, convergence
+(:mod:`gapbench.convergence`) and its warnings, the diagnostics the recipe asked for
+(:mod:`gapbench.diagnostics`), the settings, the provenance (:mod:`gapbench.provenance`)
+and convergence traces. Both are written atomically, and only from batches whose
+provenance matches the evaluation's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -66,12 +68,16 @@ def load_batch(path: Path) -> Dict:
                       remedy="delete it and run evaluate-gaps again with --resume, which recomputes that batch only")
 
 
-def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev, provenance) -> EvalSummary:
+def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_family, part, dev, provenance,
+                     labels: Optional[np.ndarray] = None) -> EvalSummary:
     """Assemble gaps/<split>.csv and .json from the saved batches (``part(stage, b)`` names each file).
 
     Every batch must carry the evaluation's provenance fingerprint; one that does not is an error,
     so results of two checkpoints, datasets or code versions are never mixed. A "refined" stage
     (a method's test-time refinement) adds L[q_refined] and the split of the amortization gap.
+    ``labels`` [len(idx)]: the class labels of the points, a column of the CSV (None: no labels).
+    The summary's "diagnostics" holds what ``cfg.diagnostics`` asks for: the model diagnostics of
+    the stage "diagnostics" and, with labels, the gaps per class.
     """
     from gapbench.convergence import ais_convergence, local_convergence, warnings_for
 
@@ -115,6 +121,8 @@ def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_f
     df = decompose(cols, encoder_family, families, refined_family)
     df.insert(0, "index", idx.numpy())
     df.insert(1, "split", cfg.split)
+    if labels is not None:
+        df.insert(2, "label", np.asarray(labels, dtype=np.int64))
     summary = summarize(df, encoder_family, families, refined_family)
     if "refined" in stages:
         from gapbench.methods import method_name
@@ -123,6 +131,7 @@ def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_f
     convergence["local"] = local_convergence(df, families, cfg.local.max_steps)
     if convergence.get("ais") is None:
         convergence.pop("ais", None)
+    diagnostics = _diagnostics(cfg, df, labels, load, part, stage_seconds)
     warnings = warnings_for(convergence)
     for line in warnings:
         log.warning("%s", line)
@@ -137,6 +146,7 @@ def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_f
             "stage_seconds": stage_seconds,
             "convergence": convergence,
             "warnings": warnings,
+            **({"diagnostics": diagnostics} if cfg.diagnostics else {}),
             "settings": dataclasses.asdict(cfg),
             "provenance": provenance,
             "traces": traces,
@@ -145,6 +155,28 @@ def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_f
     write_text(out / f"{cfg.split}.csv", df.to_csv(index=False, float_format="%.6f"))
     write_json(out / f"{cfg.split}.json", jsonable(summary))
     return EvalSummary(path=out / f"{cfg.split}.csv", split=cfg.split, summary=summary)
+
+
+def _diagnostics(cfg, df, labels, load, part, stage_seconds) -> Dict:
+    """The diagnostics ``cfg.diagnostics`` asks for, as plain numbers: those of the stage "diagnostics"
+    (its one saved unit) and the gaps per class (with labels). Generalization needs two splits: report."""
+    from gapbench.diagnostics import gaps_by_class
+    from gapbench.recipe import MODEL_DIAGNOSTICS
+
+    out: Dict = {}
+    if any(name in MODEL_DIAGNOSTICS for name in cfg.diagnostics):
+        saved = load(part("diagnostics", 0))
+        stage_seconds["diagnostics"] = float(saved.get("seconds", 0.0))
+        out.update(saved["diagnostics"])
+    if "per_class" in cfg.diagnostics:
+        if labels is None:
+            log.warning("evaluate.diagnostics: per_class needs class labels, which this dataset does not have; "
+                        "left out")
+        else:
+            table = gaps_by_class(df, labels)
+            out["per_class"] = {str(label): {key: (int(v) if key == "count" else float(v)) for key, v in row.items()}
+                                for label, row in table.iterrows()}
+    return out
 
 
 def _local_trace(curves) -> Dict:

@@ -309,6 +309,15 @@ class AISConfig:
     convergence_tolerance: float = field(default=0.1, metadata=_range(lo=0, lo_open=True))
 
 
+#: The diagnostics ``evaluate.diagnostics`` may ask for (README, "Diagnostics"). The first four are
+#: computed by evaluate-gaps from the model on the evaluated points; per_class and generalization are
+#: summaries of the gaps tables that ``report`` makes.
+Diagnostic = Literal["active_units", "mutual_information", "jacobian", "iwae_curve", "per_class", "generalization"]
+DIAGNOSTIC_NAMES: Tuple[str, ...] = typing.get_args(Diagnostic)
+#: The diagnostics that need the model (evaluate-gaps' stage "diagnostics").
+MODEL_DIAGNOSTICS = ("active_units", "mutual_information", "jacobian", "iwae_curve")
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     split: Literal["train", "valid", "test"] = "test"
@@ -319,6 +328,14 @@ class EvaluateConfig:
     iwae_samples: int = field(default=5000, metadata=_range(lo=1))
     local: LocalConfig = LocalConfig()
     ais: AISConfig = AISConfig()
+    # Diagnostics beside the gaps (README, "Diagnostics"), any of DIAGNOSTIC_NAMES: active_units (units
+    # whose E_q[z|x] varies over x by more than 0.01), mutual_information (I(x; z) and the aggregate KL),
+    # jacobian (latent dimensions the decoder uses), iwae_curve (IWAE_k - L[q] at each diagnostic_ks),
+    # computed on the evaluated points as one extra unit of work; per_class (gaps per class label) and
+    # generalization (the amortization gap on train against held-out points), made by report.
+    diagnostics: Tuple[Diagnostic, ...] = ()
+    # The k of the q~_k curve (iwae_curve), after Cremer, Morris & Duvenaud (2017).
+    diagnostic_ks: Tuple[int, ...] = field(default=(1, 2, 5, 10, 50, 100, 500, 1000, 5000), metadata=_range(lo=1))
 
 
 @dataclass(frozen=True)
@@ -486,6 +503,25 @@ def _check_consistency(recipe: Recipe) -> None:
             "use 'ffg' (the fitted q*_FFG) or 'prior'",
             ("model.encoder",),
         )
+    diagnostics = recipe.evaluate.diagnostics
+    if "mutual_information" in diagnostics and m.encoder == "flow":
+        raise _key_error(
+            "evaluate.diagnostics",
+            "'mutual_information' needs an exact log q(z|x), which the auxiliary 'flow' encoder only bounds; "
+            "leave it out or use an 'ffg' or 'realnvp' encoder",
+            ("model.encoder",),
+        )
+    needs_two = [d for d in ("active_units", "mutual_information") if d in diagnostics]
+    if needs_two and recipe.evaluate.num_points < 2:
+        raise _key_error(
+            "evaluate.diagnostics",
+            f"{' and '.join(map(repr, needs_two))} need{'s' if len(needs_two) == 1 else ''} at least 2 datapoints "
+            "(a spread over x); set evaluate.num_points to 2 or more",
+            ("evaluate.num_points",),
+        )
+    if "iwae_curve" in diagnostics and not recipe.evaluate.diagnostic_ks:
+        raise _key_error("evaluate.diagnostic_ks", "'iwae_curve' needs at least one k, e.g. [1, 10, 100]",
+                         ("evaluate.diagnostics",))
     if recipe.evaluate.ais.init == "ffg" and "ffg" not in (*recipe.evaluate.families, m.encoder):
         raise _key_error(
             "evaluate.ais.init",

@@ -7,6 +7,12 @@ trained with a method that refines q at test time, L[q_refined] stands between
 L[q*_FFG] and L[q], and the amortization gap splits into the part the refinement
 closes and the part that remains. Written as Markdown, LaTeX (booktabs) and CSV,
 with figures as PNG and PDF.
+
+Runs evaluated with ``evaluate.diagnostics`` get diagnostics.{md,tex,csv} too: active
+units, I(x; z), the average and aggregate KL, the latent dimensions the decoder's
+Jacobian uses, the q~_k gap at the largest k and the encoder's generalization (train
+against held-out points); gaps per class (per_class.csv, and in diagnostics.md); and
+the figure iwae_gap_curve of IWAE_k - L[q] against k.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
@@ -213,13 +219,20 @@ def table_frame(runs: Sequence[RunGaps]) -> pd.DataFrame:
                     "n": None if stat is None else stat["n"],
                 }
             )
-    for key, label, _, cells in extra_rows(runs):
-        for r, cell in zip(runs, cells):
-            rows.append({"quantity": key, "label": label, "run": r.label,
-                         "mean": None if cell is None else cell["mean"],
-                         "se": None if cell is None else cell["se"],
-                         "n": None if cell is None else cell["n"]})
+    rows += _cell_rows(runs, extra_rows(runs))
     return pd.DataFrame(rows)
+
+
+def _cell_rows(runs: Sequence[RunGaps], rows) -> List[Dict]:
+    """Long-table rows of (key, Markdown label, LaTeX label, cells) rows, cells as in :func:`extra_rows`."""
+    out = []
+    for key, label, _, cells in rows:
+        for r, cell in zip(runs, cells):
+            out.append({"quantity": key, "label": label, "run": r.label,
+                        "mean": None if cell is None else cell["mean"],
+                        "se": None if cell is None else cell["se"],
+                        "n": None if cell is None else cell["n"]})
+    return out
 
 
 def _cell(mean, se, latex=False) -> str:
@@ -270,6 +283,165 @@ def table_latex(runs: Sequence[RunGaps], frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- diagnostics
+
+#: What each diagnostics row shows, printed under the table in diagnostics.md.
+DIAGNOSTIC_NOTES = {
+    "active_units": "active units: latent dimensions d with Cov_x(E_q[z_d|x]) > 0.01, of D (Burda et al. 2016)",
+    "mutual_information": "I(x; z) = average KL − aggregate KL, with q(z) the mixture of the evaluated points' "
+                          "q(z|x), so at most log N (Hoffman & Johnson 2016)",
+    "jacobian_used": "decoder dimensions used: singular values of d decoder / dz above 1e-3 of the largest, at "
+                     "z ~ q(z|x), mean ± SE over points (median) (Hoffman 2017)",
+    "iwae_curve_gap": "IWAE_k − L[q]: the part of the inference gap that importance sampling with k draws from q "
+                      "closes (Cremer, Morris & Duvenaud 2017); figure iwae_gap_curve",
+    "generalization": "amortization gap on held-out points − on training points (equally many), its SE from "
+                      "both (Cremer, Li & Duvenaud 2018, section 5.3); it needs the train split evaluated too "
+                      "(gapbench evaluate-gaps RUN --split train, as many points)",
+}
+#: The files a report writes only when its runs have diagnostics (removed otherwise, never left stale).
+DIAGNOSTIC_FILES = ("diagnostics.md", "diagnostics.tex", "diagnostics.csv", "per_class.csv",
+                    "iwae_gap_curve.png", "iwae_gap_curve.pdf")
+
+
+def _in_tables(key: str) -> bool:
+    """Whether a diagnostics row is shown in the md and tex tables (the median is in the Jacobian row's
+    text there, a row of its own in the CSV)."""
+    return key != "jacobian_median_used"
+
+
+def asked(summary: Optional[Dict], name: str) -> bool:
+    """Whether the evaluation of a gaps summary asked for diagnostic ``name`` (evaluate.diagnostics)."""
+    return isinstance(summary, dict) and name in ((summary.get("settings") or {}).get("diagnostics") or ())
+
+
+def _stat_cell(d: Dict, key: str, n_key: str = "num_points") -> Dict:
+    mean, se = d.get(key), d.get(f"{key}_se")
+    return {"mean": mean, "se": se, "n": d.get(n_key), "text": _cell(mean, se)}
+
+
+def diagnostic_rows(runs: Sequence[RunGaps]) -> List[Tuple[str, str, str, List[Dict]]]:
+    """The diagnostics table's rows, as :func:`extra_rows`; a row only where some run has its diagnostic."""
+    diags = [r.summary.get("diagnostics") or {} for r in runs]
+    rows = []
+
+    def add(key, label, latex, name, cell_fn):
+        if any(name in d for d in diags):
+            rows.append((key, label, latex, [cell_fn(d[name]) if name in d else None for d in diags]))
+
+    add("active_units", "active units (of D)", "active units (of $D$)", "active_units",
+        lambda a: {"mean": a["num_active"], "se": None, "n": a.get("latent_dim", len(a["activity"])),
+                   "text": f"{a['num_active']} / {a.get('latent_dim', len(a['activity']))}"})
+    add("mutual_information", "I(x; z) (nats)", r"$I(x; z)$", "mutual_information",
+        lambda m: _stat_cell(m, "mutual_information"))
+    add("average_kl", "average KL(q(z|x) ‖ p(z)) (nats)", r"$\mathbb{E}_x\,\mathrm{KL}(q(z|x) \,\|\, p(z))$",
+        "mutual_information", lambda m: _stat_cell(m, "kl_posterior_prior"))
+    add("aggregate_kl", "aggregate KL(q(z) ‖ p(z)) (nats)", r"$\mathrm{KL}(q(z) \,\|\, p(z))$", "mutual_information",
+        lambda m: _stat_cell(m, "kl_aggregate_prior"))
+    add("jacobian_used", "decoder dimensions used (Jacobian)", "decoder dimensions used (Jacobian)", "jacobian",
+        lambda j: {"mean": j["mean_num_used"], "se": j["mean_num_used_se"], "n": j.get("num_points"),
+                   "text": f"{_cell(j['mean_num_used'], j['mean_num_used_se'])} (median {j['median_num_used']:g})"})
+    add("jacobian_median_used", "decoder dimensions used, median", None, "jacobian",
+        lambda j: {"mean": j["median_num_used"], "se": None, "n": j.get("num_points"), "text": ""})
+    add("iwae_curve_gap", "IWAE_k − L[q] at the largest k (nats)", r"$\mathrm{IWAE}_k - \mathcal{L}[q]$, largest $k$",
+        "iwae_curve", lambda c: {"mean": c["gap_mean"][-1], "se": c["gap_se"][-1], "n": c["num_finite"],
+                                 "text": f"{_cell(c['gap_mean'][-1], c['gap_se'][-1])} (k = {c['ks'][-1]:,})"})
+    wanted = [asked(r.summary, "generalization") or asked(_train_summary(r.path), "generalization") for r in runs]
+    if any(wanted):
+        rows.append(("generalization", "encoder generalization: amortization gap held-out − train (nats)",
+                     "encoder generalization (held-out $-$ train)",
+                     [_generalization_cell(r) if w else None for r, w in zip(runs, wanted)]))
+    return rows
+
+
+def _train_summary(run_dir: Path) -> Optional[Dict]:
+    """The run's train-split gaps summary (gaps/train.json), or None."""
+    return read_json_or_none(run_dir / "gaps" / "train.json")
+
+
+def _generalization_cell(r: RunGaps):
+    """The amortization gap of r's (held-out) points against the run's training points, or None.
+
+    None for a train column; a dash and what to run when the run has no gaps of the train split.
+    """
+    from gapbench.diagnostics import encoder_generalization
+
+    if r.summary.get("split") == "train":
+        return None
+    train_csv = r.path / "gaps" / "train.csv"
+    if not train_csv.is_file():
+        return {"mean": None, "se": None, "n": None, "text": "— (no gaps of the train split)"}
+    try:
+        g = encoder_generalization(pd.read_csv(train_csv), r.points)
+    except GapbenchError as exc:
+        raise GapbenchError(f"{r.path}: {exc}") from None
+    return {"mean": g["difference"], "se": g["difference_se"], "n": g["num_heldout"],
+            "text": f"{_cell(g['difference'], g['difference_se'])} (train {_cell(g['train'], g['train_se'])}, "
+                    f"held-out {_cell(g['heldout'], g['heldout_se'])}; {g['num_train']} + {g['num_heldout']} points)"}
+
+
+def per_class_tables(runs: Sequence[RunGaps]) -> List[Tuple[RunGaps, pd.DataFrame]]:
+    """Gaps per class label of the runs that asked for per_class and whose gaps table has labels."""
+    from gapbench.diagnostics import gaps_by_class
+
+    return [(r, gaps_by_class(r.points, r.points["label"])) for r in runs
+            if asked(r.summary, "per_class") and "label" in r.points]
+
+
+def diagnostics_markdown(runs: Sequence[RunGaps], rows, per_class) -> str:
+    lines = ["# Diagnostics", ""]
+    if rows:
+        lines += ["| | " + " | ".join(r.label for r in runs) + " |", "|---|" + "---:|" * len(runs)]
+        for key, label, _, cells in rows:
+            if _in_tables(key):
+                texts = [label] + ["—" if c is None else c["text"] for c in cells]
+                lines.append("| " + " | ".join(t.replace("|", r"\|") for t in texts) + " |")  # q(z|x) in a cell
+        lines.append("")
+        lines += [f"* {DIAGNOSTIC_NOTES[key]}" for key, *_ in rows if key in DIAGNOSTIC_NOTES]
+        lines.append("")
+    for r, table in per_class:
+        gaps = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
+        lines += [f"## Gaps per class: {r.label}", "",
+                  "| class | datapoints | " + " | ".join(g.replace("_", " ").capitalize() for g in gaps) + " |",
+                  "|---:|---:|" + "---:|" * len(gaps)]
+        for label, row in table.iterrows():
+            cells = [_cell(row[f"{g}_mean"], row[f"{g}_se"]) for g in gaps]
+            lines.append(f"| {label} | {int(row['count'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def diagnostics_latex(runs: Sequence[RunGaps], rows) -> str:
+    def esc(text: str) -> str:
+        return (text.replace("_", r"\_").replace("&", r"\&").replace("±", r"$\pm$").replace("−", "$-$")
+                .replace("—", "--"))
+
+    lines = [r"\begin{tabular}{l" + "r" * len(runs) + "}", r"\toprule",
+             " & ".join([""] + [esc(r.label) for r in runs]) + r" \\", r"\midrule"]
+    for key, _, latex, cells in rows:
+        if _in_tables(key):
+            lines.append(" & ".join([latex] + ["--" if c is None else esc(c["text"]) for c in cells]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _diagnostic_outputs(runs: Sequence[RunGaps]) -> Dict[str, str]:
+    """The diagnostics files' contents by name (none when no run has diagnostics)."""
+    if not any(r.summary.get("diagnostics") or (r.summary.get("settings") or {}).get("diagnostics") for r in runs):
+        return {}
+    rows = diagnostic_rows(runs)
+    per_class = per_class_tables(runs)
+    out = {"diagnostics.md": diagnostics_markdown(runs, rows, per_class)}
+    if rows:
+        out["diagnostics.tex"] = diagnostics_latex(runs, rows)
+        out["diagnostics.csv"] = pd.DataFrame(_cell_rows(runs, rows)).to_csv(index=False, float_format="%.4f")
+    if per_class:
+        frames = [t.reset_index().rename(columns={"label": "class"}).assign(run=r.label) for r, t in per_class]
+        both = pd.concat(frames, ignore_index=True)
+        out["per_class.csv"] = both[["run"] + [c for c in both.columns if c != "run"]].to_csv(
+            index=False, float_format="%.4f")
+    return out
+
+
 REPORT_INPUTS = "inputs.json"
 
 
@@ -283,7 +455,10 @@ def report_inputs(run_dirs: Sequence[Path], splits: Sequence[str], out_dir: Path
     runs = []
     for p in run_dirs:
         entry = {"path": os.path.relpath(Path(p).resolve(), Path(out_dir).resolve()), "gaps": {}}
-        for s in splits:
+        # the encoder's generalization reads the train split's gaps as well
+        generalization = any(asked(read_json_or_none(Path(p) / "gaps" / f"{s}.json"), "generalization")
+                             for s in [*splits, "train"])
+        for s in list(splits) + (["train"] if generalization and "train" not in splits else []):
             for ext in ("json", "csv"):
                 f = Path(p) / "gaps" / f"{s}.{ext}"
                 entry["gaps"][f"{s}.{ext}"] = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
@@ -342,6 +517,7 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
     _unique_labels(runs)
     check_writable(out_dir)
     frame = table_frame(runs)
+    diagnostics = _diagnostic_outputs(runs)  # before writing anything: it may refuse (generalization)
     written = []
     target = _lock_target(out_dir)
     with output_dir(out_dir), folder_lock(target, command_line()):
@@ -350,6 +526,9 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
             ("table.tex", table_latex(runs, frame)),
             ("table.csv", frame.to_csv(index=False, float_format="%.4f")),
         ):
+            write_text(out_dir / name, text)
+            written.append(out_dir / name)
+        for name, text in diagnostics.items():
             write_text(out_dir / name, text)
             written.append(out_dir / name)
         for name, fig in figures.all_figures(runs):
@@ -361,6 +540,9 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
                 write_bytes(out_dir / f"{name}.{ext}", buf.getvalue())
                 written.append(out_dir / f"{name}.{ext}")
             figures.close(fig)
+        for name in DIAGNOSTIC_FILES:  # a report never keeps diagnostics its runs no longer have
+            if out_dir / name not in written and (out_dir / name).is_file():
+                (out_dir / name).unlink()
         from gapbench.io import write_json
 
         write_json(out_dir / REPORT_INPUTS, report_inputs([r for r in run_dirs], splits, out_dir))
