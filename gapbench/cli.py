@@ -276,9 +276,10 @@ def report(run_dirs, out: Optional[str], split) -> None:
         raise click.UsageError("with several runs, say where the report goes: --out DIR")
     written = make_report([Path(d) for d in run_dirs], out_dir, split=split)
     click.echo(f"report written to {out_dir} ({len(written)} files)")
-    table = out_dir / "table.md"
-    if table.exists():
-        click.echo(table.read_text())
+    for name in ("table.md", "methods.md"):  # the gaps, and the comparison of training methods when there is one
+        table = out_dir / name
+        if table.exists() and table in written:
+            click.echo(table.read_text())
 
 
 @cli.command()

@@ -128,7 +128,7 @@ class _Plan:
         return self.partial / f"{stage}-{self.keys[stage]}-{b:04d}.pt"
 
     def num_batches(self, stage: str) -> int:
-        return 1 if stage in ("ais_sweep", "diagnostics") else len(self.batches)
+        return 1 if stage in ONE_UNIT_STAGES else len(self.batches)
 
     def missing(self) -> List[tuple]:
         """The (stage, batch) pairs whose results are not on disk."""
@@ -359,73 +359,94 @@ def _setup(plan: _Plan, resume: bool, restart: bool, workers: Workers) -> Option
     return None
 
 
+# Stages of one unit of work on the whole selection rather than per batch.
+ONE_UNIT_STAGES = ("ais_sweep", "diagnostics")
+
+
 def _compute(plan: _Plan, workers: Workers, callback, group) -> None:
     """This worker's share of every stage's batches, each saved as soon as it is done.
 
     Stages run in order (a batch's flow and AIS may start from its FFG fit, on this same
     worker); a torchrun rank checks between batches whether another rank has failed.
+    Under torchrun a one-unit stage (the AIS sweep, the diagnostics) goes to whichever
+    rank finishes its share first; otherwise to worker 0.
     """
+    state: Dict = {}  # the training method, built when the refined stage first needs it
+    deferred = [s for s in plan.all_stages if group is not None and s in ONE_UNIT_STAGES]
+    for stage in plan.all_stages:
+        if stage not in deferred:
+            _run_units(plan, stage, workers.share(plan.num_batches(stage)), workers, callback, group, state)
+    for stage in deferred:
+        claim = group.phase(f"claim-{stage}")  # every rank names it, in the same order
+        if plan.part(stage, 0).exists() or not group.claim(claim):
+            continue
+        needs = plan.part("local_ffg", 0) if stage == "ais_sweep" and "local_ffg" in plan.keys else None
+        while needs is not None and not needs.exists():  # batch 0's FFG fit, by the rank that owns it
+            group.check()
+            time.sleep(0.5)
+        _run_units(plan, stage, [0], workers, callback, group, state)
+
+
+def _run_units(plan: _Plan, stage: str, mine: List[int], workers: Workers, callback, group, state: Dict) -> None:
+    """Compute and save the units ``mine`` of ``stage`` that are not on disk yet."""
     from gapbench import provenance as prov
     from gapbench.methods import build_method
 
     cfg, model, x_all, dev, part = plan.cfg, plan.model, plan.x_all, plan.dev, plan.part
-    method = None  # the training method, built when the refined stage first needs it
-    for stage in plan.all_stages:
-        label = _label(stage)
-        mine = workers.share(plan.num_batches(stage))
-        todo = [b for b in mine if not part(stage, b).exists()]
-        if callback and mine:
-            callback(label, len(mine) - len(todo), len(mine))
-        for i, b in enumerate(todo):
-            if group is not None:
-                group.check()
-            started = time.time()
-            finished = len(mine) - len(todo) + i
+    label = _label(stage)
+    todo = [b for b in mine if not part(stage, b).exists()]
+    if callback and mine:
+        callback(label, len(mine) - len(todo), len(mine))
+    for i, b in enumerate(todo):
+        if group is not None:
+            group.check()
+        started = time.time()
+        finished = len(mine) - len(todo) + i
 
-            def progress(done, total, label=label, finished=finished, num_batches=len(mine)):
-                if callback and total:
-                    callback(label, finished + min(done / total, 1.0), num_batches)
+        def progress(done, total, label=label, finished=finished, num_batches=len(mine)):
+            if callback and total:
+                callback(label, finished + min(done / total, 1.0), num_batches)
 
-            seed = _stage_seed(plan.recipe.seed, stage, b)
-            ffg_part = part("local_ffg", b) if "local_ffg" in plan.keys else None
-            if stage == "ais_sweep":
-                xb = x_all[plan.batches[0][:AIS_SWEEP_POINTS]].to(dev)
+        seed = _stage_seed(plan.recipe.seed, stage, b)
+        ffg_part = part("local_ffg", b) if "local_ffg" in plan.keys else None
+        if stage == "ais_sweep":
+            xb = x_all[plan.batches[0][:AIS_SWEEP_POINTS]].to(dev)
+            init = _ais_start(cfg, model, xb, ffg_part)
+            result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress)}
+        elif stage == "diagnostics":
+            xb = x_all[plan.idx].to(dev)  # every evaluated point: a spread over x, an aggregate posterior
+            summaries, per_point = _diagnostics(model, xb, cfg, seed, progress)
+            result = {"columns": {}, "traces": {}, "diagnostics": summaries, "per_point": per_point}
+        elif stage == "refined":
+            xb = x_all[plan.batches[b]].to(dev)
+            if "method" not in state:
+                state["method"] = build_method(model, plan.recipe.train)
+            torch.manual_seed(seed)  # as every stage: the refinement may draw samples
+            cols, family = run_refined(state["method"], model, xb, cfg)
+            progress(1, 1)
+            result = {"columns": {k: v.detach().double().cpu() for k, v in cols.items()}, "traces": {},
+                      "refined_family": family}
+        else:
+            xb = x_all[plan.batches[b]].to(dev)
+            fam_kwargs, init = None, None
+            if stage.startswith("local_"):
+                family = stage.split("_", 1)[1]
+                fam_kwargs = local_family_kwargs(family, cfg, plan.recipe.model)
+                init = _local_start(local_init(family, cfg), model, xb, ffg_part)
+            elif stage == "ais":
                 init = _ais_start(cfg, model, xb, ffg_part)
-                result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress)}
-            elif stage == "diagnostics":
-                xb = x_all[plan.idx].to(dev)  # every evaluated point: a spread over x, an aggregate posterior
-                summaries, per_point = _diagnostics(model, xb, cfg, seed, progress)
-                result = {"columns": {}, "traces": {}, "diagnostics": summaries, "per_point": per_point}
-            elif stage == "refined":
-                xb = x_all[plan.batches[b]].to(dev)
-                if method is None:
-                    method = build_method(model, plan.recipe.train)
-                torch.manual_seed(seed)  # as every stage: the refinement may draw samples
-                cols, family = run_refined(method, model, xb, cfg)
-                progress(1, 1)
-                result = {"columns": {k: v.detach().double().cpu() for k, v in cols.items()}, "traces": {},
-                          "refined_family": family}
-            else:
-                xb = x_all[plan.batches[b]].to(dev)
-                fam_kwargs, init = None, None
-                if stage.startswith("local_"):
-                    family = stage.split("_", 1)[1]
-                    fam_kwargs = local_family_kwargs(family, cfg, plan.recipe.model)
-                    init = _local_start(local_init(family, cfg), model, xb, ffg_part)
-                elif stage == "ais":
-                    init = _ais_start(cfg, model, xb, ffg_part)
-                cols, traces = run_stage(stage, model, xb, cfg, seed, fam_kwargs, init, progress_fn=progress)
-                result = {
-                    "columns": {k: v.detach().double().cpu() for k, v in cols.items()},
-                    "traces": {k: v.detach().cpu() for k, v in traces.items()},
-                }
-            result["seconds"] = time.time() - started  # this batch alone; the summary adds them up
-            result["provenance"] = {**prov.with_recorded(plan.context, plan.run, dev), "fingerprint": plan.fingerprint,
-                                    "stage": stage, "stage_key": plan.keys[stage],
-                                    "settings": plan.stage_settings[stage], "worker": workers.label()}
-            save_torch(part(stage, b), result)
-            if callback:
-                callback(label, finished + 1, len(mine))
+            cols, traces = run_stage(stage, model, xb, cfg, seed, fam_kwargs, init, progress_fn=progress)
+            result = {
+                "columns": {k: v.detach().double().cpu() for k, v in cols.items()},
+                "traces": {k: v.detach().cpu() for k, v in traces.items()},
+            }
+        result["seconds"] = time.time() - started  # this batch alone; the summary adds them up
+        result["provenance"] = {**prov.with_recorded(plan.context, plan.run, dev), "fingerprint": plan.fingerprint,
+                                "stage": stage, "stage_key": plan.keys[stage],
+                                "settings": plan.stage_settings[stage], "worker": workers.label()}
+        save_torch(part(stage, b), result)
+        if callback:
+            callback(label, finished + 1, len(mine))
 
 
 def _assemble(plan: _Plan, workers: Workers, refresh_report: bool, started: float) -> EvalSummary:

@@ -410,6 +410,9 @@ def validation_curves(runs: Sequence[MethodRun]):
 
 FIGURES = {"gaps_by_method": gaps_by_method, "amortization_vs_cost": amortization_vs_cost,
            "validation_curves": validation_curves}
+# Everything compare_methods writes (a report of runs that no longer compare methods drops them).
+METHOD_FILES = ("methods.md", "methods.tex", "methods.csv") + tuple(
+    f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf"))
 
 
 def _save_figure(fig, stem: Path) -> List[Path]:

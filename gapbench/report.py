@@ -540,7 +540,11 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
                 write_bytes(out_dir / f"{name}.{ext}", buf.getvalue())
                 written.append(out_dir / f"{name}.{ext}")
             figures.close(fig)
-        for name in DIAGNOSTIC_FILES:  # a report never keeps diagnostics its runs no longer have
+        from gapbench.method_comparison import METHOD_FILES, compare_methods, is_method_comparison
+
+        if len(splits) == 1 and is_method_comparison(run_dirs):  # runs that differ in their training method
+            written += compare_methods(run_dirs, splits[0], out_dir)
+        for name in DIAGNOSTIC_FILES + METHOD_FILES:  # a report never keeps tables its runs no longer have
             if out_dir / name not in written and (out_dir / name).is_file():
                 (out_dir / name).unlink()
         from gapbench.io import write_json

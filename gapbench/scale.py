@@ -213,6 +213,10 @@ class Team:
         self._phase_count[name] = n + 1
         return f"{name}.{n}"
 
+    def claim(self, phase: str) -> bool:
+        """True for exactly one rank: the first to ask (a unit of work that any rank may take)."""
+        return int(self.store.add(self._key("claim", phase), 1)) == 1
+
     def post(self, phase: str, value: str = "ok") -> None:
         self.store.set(self._key("phase", phase, self.workers.rank), value)
 

@@ -154,6 +154,8 @@ def test_two_torchrun_ranks_give_the_one_process_csv(one_process, trained_tiny, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "gaps" / "test.csv").read_bytes() == (one_process / "gaps" / "test.csv").read_bytes()
     summary = json.loads((run / "gaps" / "test.json").read_text())
+    reference = json.loads((one_process / "gaps" / "test.json").read_text())
+    assert summary["convergence"] == reference["convergence"]  # the AIS sweep, by whichever rank took it
     assert summary["provenance"]["layout"]["kind"] == "torchrun"
     assert summary["provenance"]["layout"]["world_size"] == 2
     # one summary line, from rank 0 only
