@@ -81,14 +81,24 @@ def load_inputs(recipe: Recipe) -> Inputs:
     from gapbench import data
 
     d = recipe.data
-    ds = data.load_dataset(
-        d.dataset,
-        data_dir=d.data_dir,
-        download=d.download,
-        split_seed=d.split_seed,
-        num_valid=d.num_valid,
-        quantize_bits=d.quantize_bits,
-    )
+    if d.dataset == "files":  # your own data: a .npz, a .npy or a folder of images
+        ds = data.load_files(
+            d.path,
+            split_seed=d.split_seed,
+            num_valid=d.num_valid,
+            num_test=d.num_test,
+            quantize_bits=d.quantize_bits,
+            sha256=d.sha256,
+        )
+    else:
+        ds = data.load_dataset(
+            d.dataset,
+            data_dir=d.data_dir,
+            download=d.download,
+            split_seed=d.split_seed,
+            num_valid=d.num_valid,
+            quantize_bits=d.quantize_bits,
+        )
     train = ds.train if d.num_train is None else ds.train[: d.num_train]
     train_labels = ds.train_labels
     if train_labels is not None and d.num_train is not None:

@@ -2,12 +2,13 @@
 
 An evaluation's *context* is everything its numbers depend on besides the
 estimator settings (which each stage keys on separately): the checkpoint's
-content hash, the data selection (dataset settings, split, the chosen points
-and a hash of their values), the seed and batching, the model section, the
-package version, the git commit with a dirty flag, the torch version and the
-device type. A finished batch or a gaps file is reused only when its context
-equals the current one; the date, the processor's or GPU's name and the
-checkpoint's epoch are recorded beside it but do not decide reuse.
+content hash, the data selection (dataset settings, your own data by its
+sha256 rather than its path, split, the chosen points and a hash of their
+values), the seed and batching, the model section, the package version, the
+git commit with a dirty flag, the torch version and the device type. A
+finished batch or a gaps file is reused only when its context equals the
+current one; the date, the processor's or GPU's name and the checkpoint's
+epoch are recorded beside it but do not decide reuse.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def evaluation_context(run, recipe, points: torch.Tensor, values: torch.Tensor, 
     model sees them (hashed, so a changed data file or binarization is caught too).
     """
     data = dataclasses.asdict(recipe.data)
-    for where in ("data_dir", "download"):  # where the files were found does not change them
+    for where in ("data_dir", "download", "path"):  # where the files were found does not change them
         data.pop(where, None)
+    for key in ("sha256", "num_test"):  # your own data's keys: absent for the built-in datasets
+        if data.get(key) is None:
+            data.pop(key, None)
     cfg = recipe.evaluate
     return {
         "checkpoint_sha256": run.checkpoint_sha256,

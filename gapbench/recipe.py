@@ -13,6 +13,12 @@ the value; nothing is silently ignored.
 ``base: other.yaml`` (relative to the recipe's folder) extends another recipe:
 the base is loaded first and this file's keys are merged over it, section by
 section. ``base: [a.yaml, b.yaml]`` merges several, later ones over earlier.
+
+Your own data (``data: {dataset: files, path: ...}``): a relative ``data.path``
+is likewise read from the folder of the file that gives it (from the working
+directory when given by ``--set``); :func:`load_recipe` makes it absolute and
+fills ``data.sha256`` with the content's hash, so the resolved recipe a run
+writes names exactly the data it was trained on.
 """
 
 from __future__ import annotations
@@ -62,13 +68,24 @@ def _range(lo=None, hi=None, lo_open=False):
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Which dataset (see `gapbench datasets`) and how to turn it into model input.
-    dataset: Literal["digits", "mnist", "fashion-mnist", "cifar10", "omniglot"] = "digits"
+    # Which dataset (see `gapbench datasets`) and how to turn it into model input. "files": your own
+    # images at data.path (README, "Your own data").
+    dataset: Literal["digits", "mnist", "fashion-mnist", "cifar10", "omniglot", "files"] = "digits"
+    # For "files": a .npz, a .npy or a folder of PNG/JPEG images. A relative path is read from the
+    # folder of the recipe file that gives it (from the working directory for --set); the
+    # resolved recipe holds it absolute.
+    path: Optional[str] = None
+    # For "files": the SHA-256 of the file's content (of a folder's images), filled in when the
+    # recipe is loaded, so a run records what it was trained on; a file that no longer matches it
+    # is an error. Set it to check a file; leave it out (null) to take the file as it is.
+    sha256: Optional[str] = None
     data_dir: Optional[str] = None
     download: bool = False
     binarize: Literal["none", "threshold", "static", "dynamic"] = "threshold"
     split_seed: int = 0
     num_valid: Optional[int] = field(default=None, metadata=_range(lo=1))
+    # For "files" holding one array (or a folder): the test split's size (null: a tenth of the images).
+    num_test: Optional[int] = field(default=None, metadata=_range(lo=1))
     quantize_bits: Optional[int] = field(default=None, metadata=_range(lo=1, hi=8))
     num_train: Optional[int] = field(default=None, metadata=_range(lo=1))
 
@@ -490,12 +507,13 @@ def _check_consistency(recipe: Recipe) -> None:
             "model.likelihood", "'bernoulli' needs binary data; set data.binarize or another likelihood",
             ("data.binarize", "data.quantize_bits"),
         )
-    if m.architecture == "conv" and d.dataset != "cifar10":
+    if m.architecture == "conv" and d.dataset not in ("cifar10", "files"):  # files: the model checks the shape
         raise _key_error(
             "model.architecture",
             f"'conv' is built for 32x32x3 images (cifar10), not {d.dataset!r}; use 'mlp'",
             ("data.dataset",),
         )
+    _check_data(d)
     if recipe.evaluate.ais.init == "encoder" and m.encoder == "flow":
         raise _key_error(
             "evaluate.ais.init",
@@ -528,6 +546,69 @@ def _check_consistency(recipe: Recipe) -> None:
             "'ffg' starts AIS at the fitted q*_FFG; add ffg to evaluate.families or use 'prior'",
             ("evaluate.families", "model.encoder"),
         )
+
+
+def _check_data(d: DataConfig) -> None:
+    """The keys of your own data (dataset "files") and those of the built-in datasets, each where it applies."""
+    if d.dataset == "files":
+        if d.path is None:
+            raise _key_error(
+                "data.dataset",
+                "'files' reads your own images from data.path; set it to a .npz, a .npy or a folder of PNG/JPEG images",
+                ("data.path",),
+            )
+        if not d.path.strip():
+            raise _key_error("data.path", "is empty; name a .npz, a .npy or a folder of PNG/JPEG images")
+        for key, value in (("data_dir", d.data_dir), ("download", d.download)):
+            if value not in (None, False):
+                raise _key_error(
+                    f"data.{key}", "applies to the built-in datasets; dataset 'files' reads data.path: drop it",
+                    ("data.dataset",),
+                )
+    else:
+        for key in ("path", "sha256", "num_test"):
+            if getattr(d, key) is not None:
+                raise _key_error(
+                    f"data.{key}", f"applies to your own data (dataset 'files'), not {d.dataset!r}: "
+                    "drop it, or set data.dataset: files", ("data.dataset",),
+                )
+    if d.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", d.sha256):
+        raise _key_error(
+            "data.sha256",
+            f"expected a SHA-256 (64 hexadecimal digits), got {d.sha256!r}; or null to take the file as it is",
+        )
+
+
+def _anchored(path: str, folder) -> str:
+    """``path`` (with ``~`` expanded) made absolute from ``folder``, normalized."""
+    return os.path.normpath(os.path.join(folder, os.path.expanduser(path)))
+
+
+def _anchor_data_path(tree: Dict[str, Any], folder) -> None:
+    """Make a recipe file's relative ``data.path`` absolute from the file's folder, in place."""
+    section = tree.get("data")
+    if isinstance(section, dict) and isinstance(section.get("path"), str) and section["path"].strip():
+        section["path"] = _anchored(section["path"], folder)
+
+
+def _with_data_hash(recipe: Recipe) -> Recipe:
+    """``recipe`` with data.path absolute (from the working directory) and data.sha256 filled in from the file.
+
+    Left unset when the file cannot be read: loading the data then says why.
+    """
+    d = recipe.data
+    if d.dataset != "files" or d.path is None:
+        return recipe
+    path = _anchored(d.path, os.getcwd())
+    sha = d.sha256.lower() if d.sha256 is not None else None
+    if sha is None:
+        from gapbench.data import content_sha256
+
+        try:
+            sha = content_sha256(path)
+        except (GapbenchError, OSError):
+            sha = None
+    return dataclasses.replace(recipe, data=dataclasses.replace(d, path=path, sha256=sha))
 
 
 # ---------------------------------------------------------------- loading
@@ -589,6 +670,7 @@ def _load_tree(path: Path, shown: str, seen: Tuple[Path, ...] = ()) -> Tuple[Dic
     if path in seen:
         raise RecipeError(f"{shown}: 'base' chain loops back to itself")
     data = _read_yaml(path, shown)
+    _anchor_data_path(data, path.parent)
     base = data.pop("base", None)
     merged: Dict[str, Any] = {}
     sources: Sources = {}
@@ -726,4 +808,4 @@ def load_recipe(path, overrides: Iterable[str] = (), *, require_data: bool = Tru
             f"{shown}: data.dataset is not given; name the dataset in the data section "
             f"(data: {{dataset: digits}}; one of {choices}) or pass --set data.dataset=NAME"
         )
-    return recipe
+    return _with_data_hash(recipe)

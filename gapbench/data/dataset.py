@@ -111,6 +111,17 @@ def _raw_arrays(spec: DatasetSpec, data_dir, download: bool):
     return (*arrays, source)
 
 
+def seeded_split(num: int, num_valid: int, split_seed: int, num_test: int = 0):
+    """(train, valid, test) index tensors into ``num`` rows, each in file order (see the module docstring).
+
+    With ``perm`` the permutation of ``num`` seeded by ``split_seed``: test ``perm[:num_test]``,
+    valid the next ``num_valid``, train the rest; ``num_test=0`` gives an empty test split.
+    """
+    perm = torch.randperm(num, generator=torch.Generator().manual_seed(int(split_seed)))
+    test_idx, perm = perm[:num_test].sort().values, perm[num_test:]
+    return perm[num_valid:].sort().values, perm[:num_valid].sort().values, test_idx
+
+
 def _to_images(x: np.ndarray, shape, divisor: float) -> torch.Tensor:
     """uint8 or float [N, ...] -> float32 [N, C, H, W] divided by ``divisor`` (correctly rounded, a fresh copy)."""
     return torch.from_numpy(np.divide(x, divisor, dtype=np.float32)).reshape(-1, *shape)
@@ -153,10 +164,10 @@ def load_dataset(
     if not 1 <= num_valid < num_pool:
         raise DataError(f"num_valid={num_valid}: must be between 1 and {num_pool - 1} for {name} ({num_pool} training images)")
 
-    perm = torch.randperm(x_pool.shape[0], generator=torch.Generator().manual_seed(int(split_seed)))
-    if x_test is None:  # digits: the test split is the head of the same permutation
-        test_idx, perm = perm[: spec.num_test].sort().values, perm[spec.num_test :]
-    valid_idx, train_idx = perm[:num_valid].sort().values, perm[num_valid:].sort().values
+    # digits: the test split is the head of the same permutation
+    train_idx, valid_idx, test_idx = seeded_split(
+        x_pool.shape[0], num_valid, split_seed, num_test=spec.num_test if x_test is None else 0
+    )
 
     num_levels, description = None, _DESCRIPTIONS[name]
     if quantize_bits is not None:
