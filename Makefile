@@ -40,7 +40,9 @@ help:
 	@echo "make reproduce-table2-small     the same models on a CPU budget (50 epochs, 100 points); -small-fashion etc. too"
 	@echo "make reproduce-followups        the paper's follow-ups on Fashion-MNIST: $(FOLLOWUPS)"
 	@echo "                                (each alone: make reproduce-encoder-capacity etc.; add -small for the CPU budget)"
-	@echo "make reproduce-methods-digits   every training method (recipes/methods/) on the digits VAE, one report (-small: Fashion-MNIST)"
+	@echo "make reproduce-methods-digits   every training method (recipes/methods/) on the digits VAE, with diagnostics and 100"
+	@echo "                                training points each, one report (methods.md); -small: Fashion-MNIST at the CPU budget"
+	@echo "make reproduce-methods          the same at the paper's budget (recipes/methods/fashion_full.yaml; GPU-days)"
 
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
