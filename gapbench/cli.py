@@ -285,35 +285,45 @@ def report(run_dirs, out: Optional[str], split) -> None:
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @set_option
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe name>).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default runs/<recipe name>); with --seeds, the folder of the seeds' runs.")
+@click.option("--seeds", default=None, metavar="S[,S|A-B]",
+              help="Run once per seed (0,1,2 or 0-4), into OUT/seed_S, and report over them in OUT/report "
+                   "with the mean and its standard error between seeds (seeds.md).")
 @device_option
 @quiet_option
-def run(recipe: str, overrides, out: Optional[str], device: Optional[str], quiet: bool) -> None:
+def run(recipe: str, overrides, out: Optional[str], seeds: Optional[str], device: Optional[str], quiet: bool) -> None:
     """train -> evaluate-gaps -> report in one command, skipping finished stages."""
-    from gapbench.pipeline import run_pipeline
+    from gapbench.pipeline import parse_seeds, run_pipeline, run_seeds
 
     from gapbench.recipe import load_recipe
 
     from gapbench.scale import detect
 
+    seed_list = None if seeds is None else parse_seeds(seeds)
     r = load_recipe(recipe, overrides)
     main_rank = detect().is_main  # under torchrun, rank 0 alone shows progress and prints the table
     show = not _quiet(quiet) and main_rank
     bar = _TrainBar(r.train.num_epochs, enabled=show)
-    bars = _StageBars(enabled=show)
+    bars = [_StageBars(enabled=show)]
+
+    def callbacks(seed: int):
+        bars[0].close()
+        bars[0] = _StageBars(enabled=show)  # a seed's stages are new bars, not the last seed's finished ones
+        return bar, bars[0]
+
+    say = lambda msg: (bar.close(), click.echo(msg, err=True))  # a finished stage's bar stops its clock
     try:
-        _, table = run_pipeline(
-            recipe,
-            overrides=list(overrides),
-            out=out,
-            device=device,
-            train_callback=bar,
-            eval_callback=bars,
-            stage_callback=lambda msg: (bar.close(), click.echo(msg, err=True)),  # a finished stage's bar stops its clock
-        )
+        if seed_list is None:
+            _, table = run_pipeline(recipe, overrides=list(overrides), out=out, device=device, train_callback=bar,
+                                    eval_callback=bars[0], stage_callback=say)
+        else:
+            _, _, table, seeds_table = run_seeds(recipe, seed_list, overrides=list(overrides), out=out,
+                                                 device=device, callbacks_fn=callbacks, stage_callback=say)
+            table = table + ("\n" + seeds_table if seeds_table else "")
     finally:
         bar.close()
-        bars.close()
+        bars[0].close()
     if main_rank:
         click.echo(table)
 

@@ -11,13 +11,16 @@
 * Report: rebuilt whenever its inputs (the gaps files, the code) changed.
 
 The run folder is locked for the whole pipeline (:mod:`gapbench.lock`).
+
+``gapbench run --seeds 0,1,2`` (:func:`run_seeds`) runs the pipeline once per seed,
+into ``<out>/seed_S``, then reports over the seeds' runs in ``<out>/report``.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from gapbench.errors import GapbenchError
 from gapbench.experiment import CHECKPOINT_FILE, META_FILE
@@ -147,3 +150,84 @@ def _training_action(recipe, run_dir: Path, device):
     what = (f"continuing {run_dir} from epoch {epochs} to {asked}" if training_complete(run_dir)
             else f"resuming {run_dir} from epoch {epochs}")
     return "resume", f"train: {what}"
+
+
+# ---------------------------------------------------------------- seeds
+
+#: The folder of seed S's run inside the seeds' folder: ``<out>/seed_S``.
+SEED_FOLDER = "seed_{seed}"
+
+
+def parse_seeds(text: str) -> List[int]:
+    """The seeds of ``--seeds``: integers and ranges separated by commas ("0,1,2", "0-4", "0-2,7"), in order."""
+    how = "give seeds as 0,1,2 or a range 0-4 (or both: 0-2,7)"
+    seeds: List[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        first, dash, last = part.partition("-")
+        if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
+            raise GapbenchError(f"--seeds {text!r}: {part!r} is not a seed or a range; {how}")
+        lo, hi = int(first), int(last) if dash else int(first)
+        if hi < lo:
+            raise GapbenchError(f"--seeds {text!r}: the range {part!r} is empty; {how}, "
+                                "the first no larger than the last")
+        seeds += range(lo, hi + 1)
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise GapbenchError(f"--seeds {text!r} names seed {', '.join(map(str, repeated))} more than once; "
+                            "give each seed once")
+    return seeds
+
+
+def run_seeds(
+    recipe_path,
+    seeds: Sequence[int],
+    overrides: Sequence[str] = (),
+    out: Optional[str] = None,
+    device: Optional[str] = None,
+    callbacks_fn: Optional[Callable[[int], Tuple[Optional[Callable], Optional[Callable]]]] = None,
+    stage_callback: Optional[Callable[[str], None]] = None,
+):
+    """:func:`run_pipeline` once per seed (``--set seed=S``), then one report over the seeds' runs.
+
+    Seed S's run goes to ``<out>/seed_S`` (``out`` defaults to runs/<recipe name>), one
+    after the other; the report over all of them, with the table of their mean and
+    its standard error between seeds (seeds.md), to ``<out>/report``.
+    ``callbacks_fn(seed)`` gives each run's (train_callback, eval_callback).
+    Returns (the seeds' folder, the run folders, the report's table.md and seeds.md).
+    Under torchrun every rank runs each seed's pipeline; rank 0 alone writes the report.
+    """
+    from gapbench.experiment import RECIPE_FILE
+    from gapbench.report import make_report, report_is_current
+    from gapbench.scale import detect
+
+    if any(o.split("=", 1)[0].strip() == "seed" for o in overrides):
+        raise GapbenchError("--seeds and --set seed=... both set the seed; give one of them")
+    if not seeds:
+        raise GapbenchError("--seeds names no seed; give seeds as 0,1,2 or a range 0-4")
+    recipe = load_recipe(recipe_path, overrides)
+    base = Path(out) if out else Path("runs") / recipe.name
+    if (base / RECIPE_FILE).is_file():
+        raise GapbenchError(f"{base} is a run folder (it has {RECIPE_FILE}); the seeds' runs go into a folder of "
+                            f"their own: give --out DIR")
+    main = detect().is_main
+    say = stage_callback if stage_callback is not None and main else (lambda msg: None)
+    run_dirs = []
+    for seed in seeds:
+        run_dir = base / SEED_FOLDER.format(seed=seed)
+        say(f"seed {seed}: {run_dir}")
+        train_cb, eval_cb = callbacks_fn(seed) if callbacks_fn is not None else (None, None)
+        run_pipeline(recipe_path, [*overrides, f"seed={seed}"], out=str(run_dir), device=device,
+                     train_callback=train_cb, eval_callback=eval_cb, stage_callback=stage_callback)
+        run_dirs.append(run_dir)
+    out_dir = base / "report"
+    if not main:
+        return base, run_dirs, "", ""
+    if report_is_current(run_dirs, out_dir, split=recipe.evaluate.split):
+        say(f"report: {out_dir} is up to date, skipping")
+    else:
+        written = make_report(run_dirs, out_dir, split=recipe.evaluate.split)
+        seeds_word = "1 seed" if len(run_dirs) == 1 else f"{len(run_dirs)} seeds"
+        say(f"report: {len(written)} files over {seeds_word} in {out_dir}")
+    seeds_md = out_dir / "seeds.md"
+    return base, run_dirs, (out_dir / "table.md").read_text(), seeds_md.read_text() if seeds_md.is_file() else ""

@@ -13,6 +13,10 @@ units, I(x; z), the average and aggregate KL, the latent dimensions the decoder'
 Jacobian uses, the q~_k gap at the largest k and the encoder's generalization (train
 against held-out points); gaps per class (per_class.csv, and in diagnostics.md); and
 the figure iwae_gap_curve of IWAE_k - L[q] against k.
+
+Runs that differ only in their seed (``gapbench run --seeds``) get seeds.{md,tex,csv} too:
+a column per group of them, each quantity's mean over the seeds ± its standard error
+between seeds, beside the runs' average standard error over datapoints.
 """
 
 from __future__ import annotations
@@ -442,6 +446,185 @@ def _diagnostic_outputs(runs: Sequence[RunGaps]) -> Dict[str, str]:
     return out
 
 
+# ---------------------------------------------------------------- seeds
+
+#: The files a report writes only when some of its runs differ in nothing but their seed (removed otherwise).
+SEED_FILES = ("seeds.md", "seeds.tex", "seeds.csv")
+#: The recipe keys in which the runs of one seed group may differ.
+SEED_FREE_KEYS = ("seed", "name")
+SEED_NOTES = (
+    "mean ± SE between seeds: the average over the seeds' runs of each run's mean over its datapoints, ± the "
+    "standard deviation of those means / √(number of seeds); within-run SE: the average of the runs' standard "
+    "errors over their datapoints",
+    "each seed's run evaluates the datapoints its own seed selects (evaluate.num_points of the split, drawn with "
+    "the recipe's seed), so the SE between seeds holds the spread of training and of the chosen datapoints both",
+    "a column groups runs whose recipe.yaml agree but for seed and name and that were evaluated alike (split, "
+    "number of points, settings); table.md has a column per run",
+)
+
+
+@dataclass
+class SeedGroup:
+    """Runs that differ only in their seed: a column of seeds.md."""
+
+    label: str
+    runs: List[RunGaps]  # one per seed, in the order given
+
+    @property
+    def seeds(self) -> List:
+        return [_seed_of(r) for r in self.runs]
+
+
+def _seed_setup(r: RunGaps) -> Optional[str]:
+    """What must match for runs to be seeds of one experiment: the recipe.yaml but for SEED_FREE_KEYS and the
+    evaluation (split, number of points, settings); None for a run without a readable recipe.yaml."""
+    import json
+
+    import yaml
+
+    from gapbench.experiment import RECIPE_FILE
+
+    try:
+        recipe = yaml.safe_load((r.path / RECIPE_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(recipe, dict):
+        return None
+    setup = {"recipe": {k: v for k, v in recipe.items() if k not in SEED_FREE_KEYS},
+             "split": r.summary.get("split"), "num_points": r.summary.get("num_points"),
+             "settings": r.summary.get("settings")}
+    return json.dumps(setup, sort_keys=True, default=str)
+
+
+def seed_groups(runs: Sequence[RunGaps]) -> List[SeedGroup]:
+    """The groups of two or more runs that differ only in their seed (see :func:`_seed_setup`), in order.
+
+    A folder given twice counts once; a group in which two folders share a seed is not one (it would
+    count one seed twice).
+    """
+    import logging
+    import os
+
+    by_setup: Dict[str, List[RunGaps]] = {}
+    for r in runs:
+        setup = _seed_setup(r)
+        if setup is None or _seed_of(r) is None:
+            continue
+        members = by_setup.setdefault(setup, [])
+        if all(os.path.realpath(m.path) != os.path.realpath(r.path) for m in members):
+            members.append(r)
+    groups = []
+    for members in by_setup.values():
+        seeds = [_seed_of(r) for r in members]
+        if len(members) < 2:
+            continue
+        if len(set(seeds)) < len(seeds):
+            logging.getLogger(__name__).warning(
+                "report: %s share a recipe and a seed, so they are not averaged over seeds",
+                ", ".join(str(r.path) for r in members))
+            continue
+        label = f"{members[0].summary.get('dataset', '?')} / " + FAMILY_LABEL.get(
+            members[0].summary["encoder_family"], members[0].summary["encoder_family"])
+        if len({r.summary.get("split") for r in runs}) > 1:
+            label += f" [{members[0].summary.get('split', '?')}]"
+        groups.append(SeedGroup(label=label, runs=members))
+    labels = [g.label for g in groups]
+    for g in groups:
+        if labels.count(g.label) > 1:
+            name = g.runs[0].summary.get("run")
+            g.label = f"{g.label} ({name})" if name else g.label
+    labels = [g.label for g in groups]
+    for i, g in enumerate(groups, start=1):
+        if labels.count(g.label) > 1:
+            g.label = f"{g.label} #{i}"
+    return groups
+
+
+def seed_frame(groups: Sequence[SeedGroup]) -> pd.DataFrame:
+    """Long table: one row per (quantity, group) with the mean over seeds, its standard error between seeds
+    (std of the runs' means / √n_seeds) and the runs' average standard error over datapoints.
+
+        mean = (1/S) Σ_s m_s,   se_between_seeds = sd(m_1..m_S) / √S,   se_within_runs = (1/S) Σ_s se_s
+    """
+    import numpy as np
+
+    rows = []
+    for key, label, _ in table_rows([r for g in groups for r in g.runs]):
+        for g in groups:
+            stats = [r.summary["stats"].get(key) for r in g.runs]
+            row = {"quantity": key, "label": label, "group": g.label, "mean": None, "se_between_seeds": None,
+                   "se_within_runs": None, "num_seeds": len(g.runs), "seeds": " ".join(str(s) for s in g.seeds),
+                   "num_points": g.runs[0].summary.get("num_points")}
+            if all(s is not None for s in stats):
+                means = np.array([s["mean"] for s in stats], dtype=float)  # [S]
+                ses = np.array([math.nan if s.get("se") is None else s["se"] for s in stats], dtype=float)  # [S]
+                row.update(mean=float(means.mean()),
+                           se_between_seeds=float(means.std(ddof=1) / math.sqrt(len(means))),
+                           se_within_runs=float(ses.mean()))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _se_text(mean, se, latex=False) -> str:
+    """The within-run SE beside a mean: a dash where the mean is missing."""
+    if mean is None or pd.isna(mean):
+        return "--" if latex else "—"
+    return _fmt_se(None if se is None or pd.isna(se) else float(se))
+
+
+def seeds_markdown(groups: Sequence[SeedGroup], frame: pd.DataFrame, out_dir: Path) -> str:
+    import os
+
+    lines = ["# Seeds", "",
+             "| | " + " | ".join(f"{g.label} | within-run SE" for g in groups) + " |",
+             "|---|" + "---:|---:|" * len(groups)]
+    for key, label, _ in table_rows([r for g in groups for r in g.runs]):
+        sub = frame[frame.quantity == key].set_index("group")
+        cells = [f"{_cell(sub.loc[g.label, 'mean'], sub.loc[g.label, 'se_between_seeds'])} | "
+                 f"{_se_text(sub.loc[g.label, 'mean'], sub.loc[g.label, 'se_within_runs'])}" for g in groups]
+        name = f"**{label}**" if key in GAP_ROWS else label
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| seeds | " + " | ".join(f"{len(g.runs)} ({', '.join(map(str, g.seeds))}) | " for g in groups) + " |")
+    lines += [""] + [f"* {note}" for note in SEED_NOTES]
+    for g in groups:
+        paths = [os.path.relpath(Path(r.path).resolve(), Path(out_dir).resolve()) for r in g.runs]
+        lines.append(f"* {g.label}: " + ", ".join(paths))
+    return "\n".join(lines) + "\n"
+
+
+def seeds_latex(groups: Sequence[SeedGroup], frame: pd.DataFrame) -> str:
+    def esc(text: str) -> str:
+        return text.replace("_", r"\_").replace("&", r"\&")
+
+    lines = [r"\begin{tabular}{l" + "rr" * len(groups) + "}", r"\toprule",
+             " & ".join([""] + [rf"\multicolumn{{2}}{{c}}{{{esc(g.label)}}}" for g in groups]) + r" \\",
+             " & ".join([""] + [r"mean $\pm$ SE between seeds & within-run SE"] * len(groups)) + r" \\",
+             r"\midrule"]
+    for key, _, label in table_rows([r for g in groups for r in g.runs]):
+        if key == "approximation_gap":
+            lines.append(r"\midrule")
+        sub = frame[frame.quantity == key].set_index("group")
+        cells = [f"{_cell(sub.loc[g.label, 'mean'], sub.loc[g.label, 'se_between_seeds'], latex=True)} & "
+                 f"{_se_text(sub.loc[g.label, 'mean'], sub.loc[g.label, 'se_within_runs'], latex=True)}"
+                 for g in groups]
+        lines.append(" & ".join([label] + cells) + r" \\")
+    lines.append(r"\midrule")
+    lines.append(" & ".join(["seeds"] + [rf"\multicolumn{{2}}{{c}}{{{len(g.runs)} ({', '.join(map(str, g.seeds))})}}"
+                                         for g in groups]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _seed_outputs(runs: Sequence[RunGaps], out_dir: Path) -> Dict[str, str]:
+    """The seeds files' contents by name (none when no runs differ only in their seed)."""
+    groups = seed_groups(runs)
+    if not groups:
+        return {}
+    frame = seed_frame(groups)
+    return {"seeds.md": seeds_markdown(groups, frame, out_dir), "seeds.tex": seeds_latex(groups, frame),
+            "seeds.csv": frame.to_csv(index=False, float_format="%.4f")}
+
+
 REPORT_INPUTS = "inputs.json"
 
 
@@ -518,6 +701,7 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
     check_writable(out_dir)
     frame = table_frame(runs)
     diagnostics = _diagnostic_outputs(runs)  # before writing anything: it may refuse (generalization)
+    seeds = _seed_outputs(runs, out_dir)  # runs that differ only in their seed: their mean over seeds
     written = []
     target = _lock_target(out_dir)
     with output_dir(out_dir), folder_lock(target, command_line()):
@@ -528,7 +712,7 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
         ):
             write_text(out_dir / name, text)
             written.append(out_dir / name)
-        for name, text in diagnostics.items():
+        for name, text in {**diagnostics, **seeds}.items():
             write_text(out_dir / name, text)
             written.append(out_dir / name)
         for name, fig in figures.all_figures(runs):
@@ -544,7 +728,7 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
 
         if len(splits) == 1 and is_method_comparison(run_dirs):  # runs that differ in their training method
             written += compare_methods(run_dirs, splits[0], out_dir)
-        for name in DIAGNOSTIC_FILES + METHOD_FILES:  # a report never keeps tables its runs no longer have
+        for name in DIAGNOSTIC_FILES + METHOD_FILES + SEED_FILES:  # never a table its runs no longer have
             if out_dir / name not in written and (out_dir / name).is_file():
                 (out_dir / name).unlink()
         from gapbench.io import write_json
