@@ -276,7 +276,7 @@ def report(run_dirs, out: Optional[str], split) -> None:
         raise click.UsageError("with several runs, say where the report goes: --out DIR")
     written = make_report([Path(d) for d in run_dirs], out_dir, split=split)
     click.echo(f"report written to {out_dir} ({len(written)} files)")
-    for name in ("table.md", "methods.md"):  # the gaps, and the comparison of training methods when there is one
+    for name in ("table.md", "methods.md", "seeds.md"):  # the gaps; the training methods or seeds compared, if any
         table = out_dir / name
         if table.exists() and table in written:
             click.echo(table.read_text())
