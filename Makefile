@@ -149,15 +149,19 @@ reproduce-train-vs-heldout-small: $(SMALL_OUT)/fashion_ffg/checkpoint.pt
 
 # The gaps of one model at several points of its training: each checkpoint folder starts
 # as a copy of the previous one and trains on (resuming exactly), then is evaluated.
+# One training keeping the weights at each epoch of $(2) (train.keep_checkpoints), then the gaps of
+# each kept epoch (gaps/epoch_<e>/ of the run folder) and one report with a column per epoch.
+# An epoch after an early stop is not kept: it is skipped, with a line saying so.
 define over_training
-	@set -e; prev=; runs=; for e in $(2); do \
-	  d=results/$(1)/epoch_$$e; \
-	  if [ -n "$$prev" ] && [ ! -e $$d ]; then \
-	    mkdir -p $$d.tmp && cp $$prev/checkpoint.pt $$prev/recipe.yaml $$prev/train_log.csv $$d.tmp/ && mv $$d.tmp $$d; fi; \
-	  echo "gapbench run $(3) --set train.num_epochs=$$e --set name=fashion_ffg_epoch$$e --out $$d"; \
-	  gapbench run $(3) --set train.num_epochs=$$e --set name=fashion_ffg_epoch$$e --out $$d; \
-	  prev=$$d; runs="$$runs $$d"; done; \
-	gapbench report $$runs --out results/$(1)/report
+	@set -e; run=results/$(1)/run; keep=$$(echo $(2) | tr ' ' ','); last=$$(echo $(2) | awk '{print $$NF}'); \
+	echo "gapbench run $(3) --set train.num_epochs=$$last --set train.keep_checkpoints=[$$keep] --out $$run"; \
+	gapbench run $(3) --set train.num_epochs=$$last --set "train.keep_checkpoints=[$$keep]" --out $$run; \
+	evaluated=; for e in $(2); do \
+	  if [ ! -f $$run/checkpoints/epoch_$$e.pt ]; then echo "epoch $$e: not kept (training stopped early)"; continue; fi; \
+	  echo "gapbench evaluate-gaps $$run --checkpoint $$e --resume"; \
+	  gapbench evaluate-gaps $$run --checkpoint $$e --resume; \
+	  evaluated="$$evaluated$${evaluated:+,}$$e"; done; \
+	gapbench report $$run --checkpoint $$evaluated --out results/$(1)/report
 endef
 
 # Every training method of recipes/methods/ on one model, then one report across them:

@@ -210,9 +210,12 @@ def train(recipe: str, overrides, out: Optional[str], device: Optional[str], res
                    "the last shard to finish writes the gaps files.")
 @click.option("--merge", is_flag=True, help="Compute nothing: write the gaps files from the shards' finished "
                                             "batches, or fail naming the missing ones.")
+@click.option("--checkpoint", type=click.IntRange(min=1), default=None, metavar="EPOCH",
+              help="Evaluate the weights kept at this epoch (train.keep_checkpoints) instead of the final "
+                   "model; writes gaps/epoch_<EPOCH>/<split>.csv/json.")
 @quiet_option
 def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, overrides, device, resume: bool,
-                  restart: bool, shard: Optional[str], merge: bool, quiet: bool) -> None:
+                  restart: bool, shard: Optional[str], merge: bool, checkpoint: Optional[int], quiet: bool) -> None:
     """Estimate L[q], L[q*], IWAE and AIS per datapoint of a trained RUN_DIR; writes gaps/<split>.csv/json.
 
     Under torchrun the ranks share the batches and rank 0 writes the results; with
@@ -243,7 +246,8 @@ def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, ov
     bars = _StageBars(enabled=not _quiet(quiet) and workers.is_main)
     try:
         summary = evaluate_run(Path(run_dir), overrides=extra, device=device, resume=resume, callback=bars,
-                               settings_from=settings, restart=restart, workers=workers, merge=merge)
+                               settings_from=settings, restart=restart, workers=workers, merge=merge,
+                               checkpoint=checkpoint)
     finally:
         bars.close()
     if not workers.is_main and workers.distributed:
@@ -262,19 +266,33 @@ def _splits(ctx, param, value: str):
     return splits if len(splits) > 1 else splits[0]
 
 
+def _epochs(ctx, param, value: Optional[str]):
+    if value is None:
+        return None
+    words = [v.strip() for v in value.split(",") if v.strip()]
+    if not words or not all(w.isdigit() and int(w) > 0 for w in words):
+        raise click.BadParameter(f"{value!r}: give epochs separated by commas, e.g. 5,10,25,50")
+    return list(dict.fromkeys(int(w) for w in words))
+
+
 @cli.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (default: RUN_DIR/report for one run).")
 @click.option("--split", default="test", callback=_splits, metavar="SPLIT[,SPLIT]",
               help="Which split's gaps to tabulate: train, valid or test; several (train,test) give a column per run and split.")
-def report(run_dirs, out: Optional[str], split) -> None:
+@click.option("--checkpoint", "checkpoints", default=None, callback=_epochs, metavar="E1[,E2...]",
+              help="Tabulate the gaps of the weights kept at these epochs (evaluate-gaps --checkpoint E), a column "
+                   "per run and epoch, instead of the final model's (default --out for one run: "
+                   "RUN_DIR/report_checkpoints).")
+def report(run_dirs, out: Optional[str], split, checkpoints) -> None:
     """Tables (md, tex, csv) and figures (png, pdf) of the gaps of one or more runs."""
     from gapbench.report import make_report
 
-    out_dir = Path(out) if out else (Path(run_dirs[0]) / "report" if len(run_dirs) == 1 else None)
+    own = "report" if checkpoints is None else "report_checkpoints"
+    out_dir = Path(out) if out else (Path(run_dirs[0]) / own if len(run_dirs) == 1 else None)
     if out_dir is None:
         raise click.UsageError("with several runs, say where the report goes: --out DIR")
-    written = make_report([Path(d) for d in run_dirs], out_dir, split=split)
+    written = make_report([Path(d) for d in run_dirs], out_dir, split=split, checkpoints=checkpoints)
     click.echo(f"report written to {out_dir} ({len(written)} files)")
     for name in ("table.md", "methods.md", "seeds.md"):  # the gaps; the training methods or seeds compared, if any
         table = out_dir / name

@@ -12,7 +12,9 @@ active units, mutual information, the decoder's Jacobian, the q~_k curve), they 
 one more unit of work, the stage "diagnostics", on all the evaluated points at once.
 The outputs ``gaps/<split>.csv`` (one row per datapoint, with its class label when
 the dataset has labels) and ``gaps/<split>.json`` (summary, diagnostics, settings,
-convergence traces) are written atomically at the end.
+convergence traces) are written atomically at the end. ``checkpoint=E`` evaluates the
+weights kept at epoch E (``train.keep_checkpoints``) instead of the final checkpoint, into
+``gaps/epoch_<E>/`` (with its own ``.partial/``), never mixed with the final model's gaps.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from gapbench.errors import GapbenchError
 from gapbench.experiment import configure_threads, evaluation_split, load_inputs, load_trained_model, open_run, resolve_device
 from gapbench.gaps import local_family_kwargs, local_init, run_ais, run_refined, run_stage, stage_label, stage_names
-from gapbench.gaps_files import GAPS_DIR, EvalSummary, jsonable, load_batch, write_gaps_files
+from gapbench.gaps_files import EvalSummary, jsonable, load_batch, write_gaps_files
 from gapbench.io import read_json_or_none, remove_stale_temporaries, save_torch, write_json
 from gapbench.lock import command_line, folder_lock
 from gapbench.recipe import MODEL_DIAGNOSTICS, Recipe
@@ -110,7 +112,7 @@ class _Plan:
 
     @property
     def gaps_dir(self) -> Path:
-        return self.run.path / GAPS_DIR
+        return self.run.gaps_dir  # gaps/, or gaps/epoch_<E>/ for kept weights
 
     @property
     def partial(self) -> Path:
@@ -151,6 +153,7 @@ def evaluate_run(
     refresh_report: bool = True,
     workers: Optional[Workers] = None,
     merge: bool = False,
+    checkpoint: Optional[int] = None,
 ) -> EvalSummary:
     """Decompose the gaps of a trained run; ``callback(stage_label, batches_done, num_batches)`` reports progress.
 
@@ -169,7 +172,8 @@ def evaluate_run(
     once all have finished; an array shard computes its share (always keeping
     matching finished batches, which are the other shards' work) and the last shard
     to finish writes them. ``merge``: compute nothing, write the gaps files from the
-    finished batches, or fail naming the missing ones.
+    finished batches, or fail naming the missing ones. ``checkpoint``: evaluate the weights
+    kept at that epoch (train.keep_checkpoints) into gaps/epoch_<E>/ instead of checkpoint.pt.
     """
     workers = workers or SINGLE
     if merge and workers.kind != "single":
@@ -181,7 +185,7 @@ def evaluate_run(
         group = team(workers, resolve_device(device or _device_setting(run_dir, overrides, settings_from)).type)
     try:
         return _evaluate(run_dir, overrides, device, resume, callback, settings_from, restart, refresh_report,
-                         workers, merge, group)
+                         workers, merge, group, checkpoint)
     except BaseException as exc:
         if group is not None and not isinstance(exc, RankFailed):
             group.fail(str(exc) or type(exc).__name__)
@@ -194,14 +198,14 @@ def _device_setting(run_dir, overrides, settings_from) -> Optional[str]:
     return open_run(run_dir, overrides).recipe.device
 
 
-def _plan(run_dir, overrides, device, settings_from, workers: Workers) -> _Plan:
+def _plan(run_dir, overrides, device, settings_from, workers: Workers, checkpoint: Optional[int] = None) -> _Plan:
     from gapbench import provenance as prov
     from gapbench.methods import get_method, method_name
     from gapbench.preflight import check_memory
     from gapbench.scale import rank_device
 
     _check_overrides(overrides)
-    run = open_run(run_dir, overrides)
+    run = open_run(run_dir, overrides, checkpoint)
     if settings_from is not None:
         run.recipe = dataclasses.replace(
             run.recipe,
@@ -240,8 +244,8 @@ def _plan(run_dir, overrides, device, settings_from, workers: Workers) -> _Plan:
 
 
 def _evaluate(run_dir, overrides, device, resume, callback, settings_from, restart, refresh_report,
-              workers: Workers, merge: bool, group) -> EvalSummary:
-    plan = _plan(run_dir, overrides, device, settings_from, workers)
+              workers: Workers, merge: bool, group, checkpoint: Optional[int] = None) -> EvalSummary:
+    plan = _plan(run_dir, overrides, device, settings_from, workers, checkpoint)
     cfg = plan.cfg
     path = plan.gaps_dir / f"{cfg.split}.csv"
     started = time.time()
@@ -464,7 +468,7 @@ def _assemble(plan: _Plan, workers: Workers, refresh_report: bool, started: floa
                                labels=None if plan.labels is None else plan.labels.numpy(),
                                provenance={**prov.with_recorded(plan.context, plan.run, plan.dev),
                                            "fingerprint": plan.fingerprint, "stages": stages_saved, "layout": layout})
-    if refresh_report:
+    if refresh_report and plan.run.epoch is None:  # the run's report shows the final model's gaps
         _refresh_report(plan.run.path, plan.cfg.split)
     return summary
 
@@ -560,7 +564,7 @@ def _stage_settings(stage: str, cfg, train_cfg=None) -> Dict:
 
         section = method_settings(train_cfg)
         plain = {f.name: getattr(train_cfg, f.name) for f in dataclasses.fields(train_cfg)
-                 if not dataclasses.is_dataclass(getattr(train_cfg, f.name))}
+                 if not dataclasses.is_dataclass(getattr(train_cfg, f.name)) and f.name != "keep_checkpoints"}
         return {"elbo_samples": cfg.elbo_samples, "method": method_name(train_cfg),
                 "settings": None if section is None else jsonable(dataclasses.asdict(section)),
                 "train": jsonable(plain)}

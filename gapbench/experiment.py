@@ -1,7 +1,8 @@
 """What every stage needs from a recipe or a run folder: the device, the data, the model.
 
 A *run folder* is what ``gapbench train`` writes: ``recipe.yaml`` (resolved),
-``checkpoint.pt`` (tensors only), ``meta.json`` and ``train_log.csv``.
+``checkpoint.pt`` (tensors only), ``meta.json`` and ``train_log.csv``, and
+``checkpoints/epoch_<e>.pt`` (weights only) for the epochs of ``train.keep_checkpoints``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ RECIPE_FILE = "recipe.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
 TRAIN_LOG_FILE = "train_log.csv"
+KEPT_DIR = "checkpoints"  # train.keep_checkpoints: the weights at chosen epochs
+
+
+def kept_checkpoint_path(run_dir, epoch: int) -> Path:
+    """Where the weights kept at the end of ``epoch`` (train.keep_checkpoints) are."""
+    return Path(run_dir) / KEPT_DIR / f"epoch_{int(epoch)}.pt"
+
+
+def kept_epochs(run_dir) -> list:
+    """The epochs whose weights the run folder keeps, in order."""
+    folder = Path(run_dir) / KEPT_DIR
+    names = [p.name[len("epoch_"):-len(".pt")] for p in folder.glob("epoch_*.pt")] if folder.is_dir() else []
+    return sorted(int(n) for n in names if n.isdigit())
 
 # Seeds of the fixed binarization draws of each split (dynamic and static modes).
 _SPLIT_SEED_OFFSET = {"train": 101, "valid": 202, "test": 303}
@@ -179,10 +193,21 @@ class Run:
     recipe: Recipe
     checkpoint: dict
     checkpoint_sha256: str = ""  # of checkpoint.pt's bytes: what every evaluation of it records
+    epoch: Optional[int] = None  # a kept checkpoint's epoch (train.keep_checkpoints); None: checkpoint.pt
+
+    @property
+    def gaps_dir(self) -> Path:
+        """Where the evaluations of these weights go: gaps/, or gaps/epoch_<e>/ for kept weights."""
+        from gapbench.gaps_files import GAPS_DIR
+
+        return self.path / GAPS_DIR if self.epoch is None else self.path / GAPS_DIR / f"epoch_{self.epoch}"
 
 
-def open_run(path, overrides=()) -> Run:
-    """Read a run folder's resolved recipe and checkpoint, with clear errors for anything else."""
+def open_run(path, overrides=(), checkpoint: Optional[int] = None) -> Run:
+    """Read a run folder's resolved recipe and checkpoint, with clear errors for anything else.
+
+    ``checkpoint``: the weights kept at that epoch (train.keep_checkpoints) instead of checkpoint.pt.
+    """
     from gapbench.io import load_torch
 
     path = Path(path)
@@ -193,14 +218,25 @@ def open_run(path, overrides=()) -> Run:
             f"{path} is not a gapbench run (no {RECIPE_FILE} and {CHECKPOINT_FILE}); train one with 'gapbench train RECIPE --out {path}'"
         )
     recipe = load_recipe(path / RECIPE_FILE, overrides)
+    file = path / CHECKPOINT_FILE
+    if checkpoint is not None:
+        file = kept_checkpoint_path(path, checkpoint)
+        if not file.is_file():
+            kept = kept_epochs(path)
+            raise GapbenchError(
+                f"--checkpoint {checkpoint}: {path} keeps no weights of epoch {checkpoint}; "
+                + (f"it keeps epochs {', '.join(map(str, kept))}" if kept else
+                   "it keeps none (train with --set 'train.keep_checkpoints=[E1, E2]' to keep some)")
+            )
     try:
-        data = (path / CHECKPOINT_FILE).read_bytes()
+        data = file.read_bytes()
     except OSError as exc:
-        raise GapbenchError(f"cannot read {path / CHECKPOINT_FILE}: {exc.strerror}") from None
-    checkpoint = load_torch(path / CHECKPOINT_FILE, data=data)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise GapbenchError(f"{path / CHECKPOINT_FILE} is not a gapbench checkpoint (no model weights); retrain the run")
-    return Run(path=path, recipe=recipe, checkpoint=checkpoint, checkpoint_sha256=hashlib.sha256(data).hexdigest())
+        raise GapbenchError(f"cannot read {file}: {exc.strerror}") from None
+    loaded = load_torch(file, data=data)
+    if not isinstance(loaded, dict) or "model" not in loaded:
+        raise GapbenchError(f"{file} is not a gapbench checkpoint (no model weights); retrain the run")
+    return Run(path=path, recipe=recipe, checkpoint=loaded, checkpoint_sha256=hashlib.sha256(data).hexdigest(),
+               epoch=None if checkpoint is None else int(checkpoint))
 
 
 def load_trained_model(run: Run, inputs: Inputs, device: torch.device):
@@ -212,8 +248,9 @@ def load_trained_model(run: Run, inputs: Inputs, device: torch.device):
     try:
         load_state(model, state)
     except ValueError as exc:
+        where = run.path / CHECKPOINT_FILE if run.epoch is None else kept_checkpoint_path(run.path, run.epoch)
         raise GapbenchError(
-            f"{run.path / CHECKPOINT_FILE} does not fit the model of its recipe.yaml ({exc}); "
+            f"{where} does not fit the model of its recipe.yaml ({exc}); "
             "was recipe.yaml edited or the checkpoint copied from another run?"
         ) from None
     return model.to(device).eval()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Tuple
+import re
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import matplotlib
 
@@ -150,6 +151,88 @@ def iwae_gap_curve(runs) -> "plt.Figure":
     return fig
 
 
+#: The files of the figure training_curves (removed from a report whose runs have no train_log.csv).
+TRAINING_FILES = ("training_curves.png", "training_curves.pdf")
+_LABEL_SUFFIX = re.compile(r"\s*\[(epoch \d+|train|valid|test)\]")
+
+
+def _training_logs(runs) -> List[Tuple[str, "object", List[int]]]:
+    """(label, train_log.csv as a DataFrame, evaluated kept epochs) per run folder that has a readable log."""
+    import pandas as pd
+
+    by_path: Dict[str, list] = {}
+    for r in runs:
+        entry = by_path.setdefault(str(r.path), [r, []])
+        if getattr(r, "epoch", None) is not None:
+            entry[1].append(int(r.epoch))
+    out = []
+    for r, epochs in by_path.values():
+        try:
+            log = pd.read_csv(r.path / "train_log.csv")
+        except (OSError, ValueError):
+            continue
+        if not {"epoch", "lr", "kl_weight", "train_elbo", "valid_elbo"} <= set(log.columns) or log.empty:
+            continue
+        out.append((_LABEL_SUFFIX.sub("", r.label), log, sorted(set(epochs))))
+    return out
+
+
+def training_curves(runs) -> "plt.Figure":
+    """Each run's training: its bounds, learning rate and KL weight against epoch (train_log.csv).
+
+    Left: the training ELBO (solid; a mean over the epoch's batches as the weights changed), the training
+    objective where it differs (dashed: the KL-weighted or importance-weighted bound the method maximizes)
+    and the validation ELBO (dots, at the epochs validated). Grey dotted lines mark kept epochs evaluated.
+    """
+    logs = _training_logs(runs)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    bounds, lr_ax, kl_ax = axes
+    values = []
+    for i, (label, log, epochs) in enumerate(logs):
+        color = f"C{i}"
+        epoch = log["epoch"].to_numpy(dtype=float)
+        train = log["train_elbo"].to_numpy(dtype=float)
+        bounds.plot(epoch, train, color=color, linewidth=1.5, label=f"{label}: train ELBO")
+        if "train_objective" in log:
+            objective = log["train_objective"].to_numpy(dtype=float)
+            if not np.allclose(objective, train, equal_nan=True):
+                bounds.plot(epoch, objective, color=color, linestyle="--", linewidth=1,
+                            label=f"{label}: train objective")
+                values.append(objective)
+        valid = log["valid_elbo"].to_numpy(dtype=float)
+        seen = np.isfinite(valid)
+        bounds.plot(epoch[seen], valid[seen], color=color, linestyle=":", marker="o", markersize=3,
+                    label=f"{label}: valid ELBO")
+        values += [train, valid[seen]]
+        for e in epochs:
+            bounds.axvline(e, color="gray", linestyle=":", linewidth=0.8)
+        lr_ax.plot(epoch, log["lr"].to_numpy(dtype=float), color=color, label=label)
+        kl_ax.plot(epoch, log["kl_weight"].to_numpy(dtype=float), color=color, label=label)
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+    if finite.size:  # the first epochs' bounds would squash the rest: show from the 5th percentile up
+        low, high = np.percentile(finite, 5), finite.max()
+        pad = 0.05 * max(high - low, 1e-6)
+        bounds.set_ylim(low - pad, high + pad)
+    bounds.set_xlabel("epoch")
+    bounds.set_ylabel("bound (nats)")
+    bounds.set_title("Training and validation bounds", fontsize=9)
+    lr_ax.set_xlabel("epoch")
+    lr_ax.set_ylabel("learning rate")
+    if logs and all((log["lr"] > 0).all() for _, log, _ in logs):
+        lr_ax.set_yscale("log")
+    lr_ax.set_title("Learning rate", fontsize=9)
+    kl_ax.set_xlabel("epoch")
+    kl_ax.set_ylabel("KL weight β (at the epoch's last batch)")
+    kl_ax.set_ylim(-0.05, 1.05)
+    kl_ax.set_title("KL weight (warm-up)", fontsize=9)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Training curves (train_log.csv)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def all_figures(runs: Sequence) -> Iterator[Tuple[str, "plt.Figure"]]:
     yield "gaps_stacked", gaps_stacked(runs)
     yield "gap_distributions", gap_distributions(runs)
@@ -158,3 +241,5 @@ def all_figures(runs: Sequence) -> Iterator[Tuple[str, "plt.Figure"]]:
         yield "ais_convergence", ais_convergence(runs)
     if any(_iwae_curve(r) for r in runs):
         yield "iwae_gap_curve", iwae_gap_curve(runs)
+    if _training_logs(runs):
+        yield "training_curves", training_curves(runs)

@@ -135,7 +135,7 @@ def write_gaps_files(run, cfg, recipe, idx, batches, stages, families, encoder_f
     warnings = warnings_for(convergence)
     for line in warnings:
         log.warning("%s", line)
-    out = run.path / GAPS_DIR
+    out = run.gaps_dir  # gaps/, or gaps/epoch_<E>/ for weights kept at epoch E
     summary.update(
         {
             "run": recipe.name,

@@ -257,6 +257,9 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata=_range(lo=1))
     max_grad_norm: Optional[float] = field(default=None, metadata=_range(lo=0, lo_open=True))
     checkpoint_every: int = field(default=1, metadata=_range(lo=1))
+    # Epochs whose weights are kept as checkpoints/epoch_<e>.pt, for gaps over training
+    # (gapbench evaluate-gaps RUN --checkpoint E); increasing, each at most num_epochs.
+    keep_checkpoints: Tuple[int, ...] = field(default=(), metadata=_range(lo=1))
     svi: SVIConfig = SVIConfig()
     savae: SAVAEConfig = SAVAEConfig()
     iterative: IterativeConfig = IterativeConfig()
@@ -514,6 +517,14 @@ def _check_consistency(recipe: Recipe) -> None:
             ("data.dataset",),
         )
     _check_data(d)
+    kept = recipe.train.keep_checkpoints
+    if list(kept) != sorted(set(kept)):
+        raise _key_error("train.keep_checkpoints", f"list each epoch once, in increasing order, got {list(kept)}; "
+                         f"e.g. {sorted(set(kept))}")
+    if kept and kept[-1] > recipe.train.num_epochs:
+        raise _key_error("train.keep_checkpoints",
+                         f"epoch {kept[-1]} is beyond train.num_epochs={recipe.train.num_epochs}; "
+                         "keep only epochs the run trains, or raise train.num_epochs", ("train.num_epochs",))
     if recipe.evaluate.ais.init == "encoder" and m.encoder == "flow":
         raise _key_error(
             "evaluate.ais.init",

@@ -17,6 +17,11 @@ the figure iwae_gap_curve of IWAE_k - L[q] against k.
 Runs that differ only in their seed (``gapbench run --seeds``) get seeds.{md,tex,csv} too:
 a column per group of them, each quantity's mean over the seeds ± its standard error
 between seeds, beside the runs' average standard error over datapoints.
+
+Runs with a train_log.csv get the figure training_curves (bounds, learning rate and KL
+weight against epoch). ``checkpoints=[E1, E2, ...]`` (``gapbench report --checkpoint``)
+tabulates the evaluations of the weights kept at those epochs (gaps/epoch_<E>/, made by
+``gapbench evaluate-gaps RUN --checkpoint E``): a column per run and epoch.
 """
 
 from __future__ import annotations
@@ -69,16 +74,25 @@ class RunGaps:
     label: str
     summary: Dict
     points: pd.DataFrame
+    epoch: Optional[int] = None  # the kept checkpoint's epoch evaluated (gaps/epoch_<E>/); None: the final model
 
 
-def load_run_gaps(path: Path, split: str) -> RunGaps:
-    summary_path = path / "gaps" / f"{split}.json"
-    csv_path = path / "gaps" / f"{split}.csv"
+def gaps_folder(path: Path, epoch: Optional[int] = None) -> Path:
+    """A run's gaps of its final model (gaps/) or of the weights it kept at ``epoch`` (gaps/epoch_<E>/)."""
+    return Path(path) / "gaps" if epoch is None else Path(path) / "gaps" / f"epoch_{int(epoch)}"
+
+
+def load_run_gaps(path: Path, split: str, epoch: Optional[int] = None) -> RunGaps:
+    summary_path = gaps_folder(path, epoch) / f"{split}.json"
+    csv_path = gaps_folder(path, epoch) / f"{split}.csv"
     if not path.is_dir():
         raise GapbenchError(f"{path} is not a folder; pass run folders written by 'gapbench train'")
     if not summary_path.is_file() or not csv_path.is_file():
+        at = "" if epoch is None else f" at epoch {epoch}"
+        option = "" if epoch is None else f" --checkpoint {epoch}"
         raise GapbenchError(
-            f"{path} has no gap evaluation of the {split} split; run 'gapbench evaluate-gaps {path} --split {split}' first"
+            f"{path} has no gap evaluation of the {split} split{at}; "
+            f"run 'gapbench evaluate-gaps {path}{option} --split {split}' first"
         )
     try:
         summary = read_json(summary_path)
@@ -93,7 +107,7 @@ def load_run_gaps(path: Path, split: str) -> RunGaps:
             f"{summary_path} is not a gapbench gaps summary; recompute it with 'gapbench evaluate-gaps {path} --restart'"
         )
     label = f"{summary.get('dataset', '?')} / {FAMILY_LABEL.get(summary['encoder_family'], summary['encoder_family'])}"
-    return RunGaps(path=path, label=label, summary=summary, points=points)
+    return RunGaps(path=path, label=label, summary=summary, points=points, epoch=epoch)
 
 
 def _seed_of(r: RunGaps):
@@ -349,7 +363,8 @@ def diagnostic_rows(runs: Sequence[RunGaps]) -> List[Tuple[str, str, str, List[D
     add("iwae_curve_gap", "IWAE_k − L[q] at the largest k (nats)", r"$\mathrm{IWAE}_k - \mathcal{L}[q]$, largest $k$",
         "iwae_curve", lambda c: {"mean": c["gap_mean"][-1], "se": c["gap_se"][-1], "n": c["num_finite"],
                                  "text": f"{_cell(c['gap_mean'][-1], c['gap_se'][-1])} (k = {c['ks'][-1]:,})"})
-    wanted = [asked(r.summary, "generalization") or asked(_train_summary(r.path), "generalization") for r in runs]
+    wanted = [asked(r.summary, "generalization") or asked(_train_summary(r.path, r.epoch), "generalization")
+              for r in runs]
     if any(wanted):
         rows.append(("generalization", "encoder generalization: amortization gap held-out − train (nats)",
                      "encoder generalization (held-out $-$ train)",
@@ -357,9 +372,9 @@ def diagnostic_rows(runs: Sequence[RunGaps]) -> List[Tuple[str, str, str, List[D
     return rows
 
 
-def _train_summary(run_dir: Path) -> Optional[Dict]:
-    """The run's train-split gaps summary (gaps/train.json), or None."""
-    return read_json_or_none(run_dir / "gaps" / "train.json")
+def _train_summary(run_dir: Path, epoch: Optional[int] = None) -> Optional[Dict]:
+    """The run's train-split gaps summary (gaps/train.json, or gaps/epoch_<E>/train.json), or None."""
+    return read_json_or_none(gaps_folder(run_dir, epoch) / "train.json")
 
 
 def _generalization_cell(r: RunGaps):
@@ -371,7 +386,7 @@ def _generalization_cell(r: RunGaps):
 
     if r.summary.get("split") == "train":
         return None
-    train_csv = r.path / "gaps" / "train.csv"
+    train_csv = gaps_folder(r.path, r.epoch) / "train.csv"
     if not train_csv.is_file():
         return {"mean": None, "se": None, "n": None, "text": "— (no gaps of the train split)"}
     try:
@@ -628,8 +643,10 @@ def _seed_outputs(runs: Sequence[RunGaps], out_dir: Path) -> Dict[str, str]:
 REPORT_INPUTS = "inputs.json"
 
 
-def report_inputs(run_dirs: Sequence[Path], splits: Sequence[str], out_dir: Path) -> Dict:
-    """What a report is made from: each run's gaps files (by content hash), the splits, the code."""
+def report_inputs(run_dirs: Sequence[Path], splits: Sequence[str], out_dir: Path,
+                  checkpoints: Optional[Sequence[int]] = None) -> Dict:
+    """What a report is made from: each run's gaps files (by content hash), the splits, the kept
+    checkpoints' epochs (when it tabulates those), the code."""
     import hashlib
     import os
 
@@ -638,22 +655,29 @@ def report_inputs(run_dirs: Sequence[Path], splits: Sequence[str], out_dir: Path
     runs = []
     for p in run_dirs:
         entry = {"path": os.path.relpath(Path(p).resolve(), Path(out_dir).resolve()), "gaps": {}}
-        # the encoder's generalization reads the train split's gaps as well
-        generalization = any(asked(read_json_or_none(Path(p) / "gaps" / f"{s}.json"), "generalization")
-                             for s in [*splits, "train"])
-        for s in list(splits) + (["train"] if generalization and "train" not in splits else []):
-            for ext in ("json", "csv"):
-                f = Path(p) / "gaps" / f"{s}.{ext}"
-                entry["gaps"][f"{s}.{ext}"] = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+        for epoch in checkpoints or [None]:
+            folder = gaps_folder(p, epoch)
+            prefix = "" if epoch is None else f"epoch_{epoch}/"
+            # the encoder's generalization reads the train split's gaps as well
+            generalization = any(asked(read_json_or_none(folder / f"{s}.json"), "generalization")
+                                 for s in [*splits, "train"])
+            for s in list(splits) + (["train"] if generalization and "train" not in splits else []):
+                for ext in ("json", "csv"):
+                    f = folder / f"{s}.{ext}"
+                    digest = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+                    entry["gaps"][f"{prefix}{s}.{ext}"] = digest
         runs.append(entry)
-    return {"runs": runs, "splits": list(splits), **code_versions()}
+    kept = {"checkpoints": [int(e) for e in checkpoints]} if checkpoints else {}
+    return {"runs": runs, "splits": list(splits), **kept, **code_versions()}
 
 
-def report_is_current(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Sequence[str]] = "test") -> bool:
+def report_is_current(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Sequence[str]] = "test",
+                      checkpoints: Optional[Sequence[int]] = None) -> bool:
     """Whether ``out_dir`` holds a report made from exactly these runs' current gaps, by this code."""
     splits = [split] if isinstance(split, str) else list(split)
     saved = read_json_or_none(Path(out_dir) / REPORT_INPUTS)
-    return saved is not None and saved == report_inputs(run_dirs, splits, out_dir) and (Path(out_dir) / "table.md").is_file()
+    return (saved is not None and saved == report_inputs(run_dirs, splits, out_dir, checkpoints)
+            and (Path(out_dir) / "table.md").is_file())
 
 
 def rebuild_report(out_dir: Path, default_runs: Sequence[Path], default_split: str) -> List[Path]:
@@ -665,11 +689,13 @@ def rebuild_report(out_dir: Path, default_runs: Sequence[Path], default_split: s
         saved = read_json(Path(out_dir) / REPORT_INPUTS)
         runs = [(Path(out_dir) / r["path"]) for r in saved["runs"]]
         splits = saved["splits"]
+        checkpoints = saved.get("checkpoints")
     except (OSError, ValueError, KeyError, TypeError):
-        runs, splits = list(default_runs), [default_split]
-    if not all((Path(r) / "gaps" / f"{s}.json").is_file() for r in runs for s in splits):
-        runs, splits = list(default_runs), [default_split]
-    return make_report(runs, out_dir, split=splits if len(splits) > 1 else splits[0])
+        runs, splits, checkpoints = list(default_runs), [default_split], None
+    if not all((gaps_folder(r, e) / f"{s}.json").is_file()
+               for r in runs for s in splits for e in checkpoints or [None]):
+        runs, splits, checkpoints = list(default_runs), [default_split], None
+    return make_report(runs, out_dir, split=splits if len(splits) > 1 else splits[0], checkpoints=checkpoints)
 
 
 def _lock_target(out_dir: Path) -> Path:
@@ -680,11 +706,14 @@ def _lock_target(out_dir: Path) -> Path:
     return parent if (parent / RECIPE_FILE).is_file() else Path(out_dir)
 
 
-def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Sequence[str]] = "test") -> List[Path]:
+def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Sequence[str]] = "test",
+                checkpoints: Optional[Sequence[int]] = None) -> List[Path]:
     """Write table.{md,tex,csv} and the figures for ``run_dirs`` into ``out_dir``; returns the paths.
 
     ``split`` may list several splits (e.g. ["train", "test"]): then each run gives one
     column per split, labelled with it, to set training against held-out points.
+    ``checkpoints`` [E1, E2, ...]: tabulate the evaluations of the weights each run kept at those
+    epochs (gaps/epoch_<E>/) instead of its final model's, a column per run and epoch.
     ``inputs.json`` records what the report was made from (see :func:`report_is_current`).
     """
     from gapbench import figures
@@ -693,10 +722,13 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
 
     out_dir = Path(out_dir)
     splits = [split] if isinstance(split, str) else list(split)
-    runs = [load_run_gaps(Path(p), s) for p in run_dirs for s in splits]
+    runs = [load_run_gaps(Path(p), s, e) for p in run_dirs for e in checkpoints or [None] for s in splits]
     if len(splits) > 1:
         for r in runs:
             r.label = f"{r.label} [{r.summary.get('split', '?')}]"
+    for r in runs:
+        if r.epoch is not None:
+            r.label = f"{r.label} [epoch {r.epoch}]"
     _unique_labels(runs)
     check_writable(out_dir)
     frame = table_frame(runs)
@@ -726,13 +758,15 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
             figures.close(fig)
         from gapbench.method_comparison import METHOD_FILES, compare_methods, is_method_comparison
 
-        if len(splits) == 1 and is_method_comparison(run_dirs):  # runs that differ in their training method
+        # runs that differ in their training method
+        if len(splits) == 1 and not checkpoints and is_method_comparison(run_dirs):
             written += compare_methods(run_dirs, splits[0], out_dir)
-        for name in DIAGNOSTIC_FILES + METHOD_FILES + SEED_FILES:  # never a table its runs no longer have
+        # a report never keeps tables or figures its runs no longer have
+        for name in DIAGNOSTIC_FILES + METHOD_FILES + SEED_FILES + figures.TRAINING_FILES:
             if out_dir / name not in written and (out_dir / name).is_file():
                 (out_dir / name).unlink()
         from gapbench.io import write_json
 
-        write_json(out_dir / REPORT_INPUTS, report_inputs([r for r in run_dirs], splits, out_dir))
+        write_json(out_dir / REPORT_INPUTS, report_inputs([r for r in run_dirs], splits, out_dir, checkpoints))
         written.append(out_dir / REPORT_INPUTS)
     return written

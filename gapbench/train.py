@@ -5,6 +5,9 @@ the random-number state and the log so far, so ``--resume`` continues exactly
 where the last checkpoint left off: on CPU, an interrupted-and-resumed run ends
 with the same tensors as an uninterrupted one. The data order of epoch e comes
 from a generator seeded by (seed, e), so it does not depend on what ran before.
+The epochs listed in ``train.keep_checkpoints`` also leave their weights in
+``checkpoints/epoch_<e>.pt`` (weights only), which ``evaluate-gaps --checkpoint E``
+evaluates; saving them draws no random numbers, so the training is unchanged.
 
 Under torchrun, vae and iwae train data-parallel: each rank takes a contiguous
 share of every global batch, draws the batch's binarization and noise whole (as
@@ -35,6 +38,8 @@ from gapbench.experiment import (
     RECIPE_FILE,
     TRAIN_LOG_FILE,
     Inputs,
+    KEPT_DIR,
+    kept_checkpoint_path,
     build_model,
     configure_threads,
     load_inputs,
@@ -130,8 +135,9 @@ def _write_log(run_dir: Path, rows: List[Dict], method_rows: Optional[List[Dict]
 def training_changes(recipe: Recipe, saved: Recipe) -> List[str]:
     """The keys, as 'section.key old -> new', that make ``recipe`` train another model than ``saved``.
 
-    Evaluation settings, the device, the thread count and the name may differ, and
-    train.num_epochs may grow (train an existing run for longer); anything else
+    Evaluation settings, the device, the thread count and the name may differ,
+    train.num_epochs may grow (train an existing run for longer) and train.keep_checkpoints
+    may change (it only saves weights; epochs already trained cannot be kept afterwards); anything else
     (data, model, seed, the rest of train) cannot continue from the checkpoint.
     """
     mine = dataclasses.replace(
@@ -140,7 +146,8 @@ def training_changes(recipe: Recipe, saved: Recipe) -> List[str]:
         evaluate=saved.evaluate,
         name=saved.name,
         num_threads=saved.num_threads,
-        train=dataclasses.replace(recipe.train, num_epochs=saved.train.num_epochs),
+        train=dataclasses.replace(recipe.train, num_epochs=saved.train.num_epochs,
+                                  keep_checkpoints=saved.train.keep_checkpoints),
     )
     if mine == saved:
         return []
@@ -257,6 +264,7 @@ def _open_run(recipe: Recipe, run_dir: Path, dev, resume: bool, how: str, held: 
             )
         # A killed write leaves its temporary beside the target; this run's files are rewritten below.
         remove_stale_temporaries(run_dir, [RECIPE_FILE, CHECKPOINT_FILE, TRAIN_LOG_FILE, META_FILE])
+        remove_stale_temporaries(run_dir / KEPT_DIR)
 
         problem = get_method(method_name(t)).check(recipe)
         if problem:
@@ -267,6 +275,12 @@ def _open_run(recipe: Recipe, run_dir: Path, dev, resume: bool, how: str, held: 
 
         if resume:
             state = _resume_state(recipe, run_dir, model, method, how)
+            lost = [e for e in t.keep_checkpoints
+                    if e <= state["epoch"] and not kept_checkpoint_path(run_dir, e).is_file()]
+            if lost:
+                log.warning("train.keep_checkpoints: epoch(s) %s were trained before they were asked to be kept; "
+                            "their weights are not kept (train into a new --out to keep them)",
+                            ", ".join(map(str, lost)))
             if state["log"]:
                 # The checkpoint is written before the log, so a kill between the two leaves the log an
                 # epoch behind; rewrite it from the checkpoint, or a run killed there would lack its last row.
@@ -527,6 +541,10 @@ def _train_epochs(recipe: Recipe, inputs: Inputs, model, method, state, run_dir:
             state["model"] = model.state_dict()
             state["optimizer"] = method.state_dict()
             state["rng"] = torch.get_rng_state()
+        if writes and state["epoch"] in t.keep_checkpoints:
+            # Before the checkpoint: a kill between the two retrains this epoch and writes it again.
+            save_torch(kept_checkpoint_path(run_dir, state["epoch"]), {"model": model.state_dict(),
+                                                                       "epoch": state["epoch"]})
         if state["epoch"] % t.checkpoint_every == 0 or state["epoch"] == t.num_epochs or state["stopped_early"]:
             if writes:
                 save_torch(ckpt_path, state)
