@@ -346,6 +346,28 @@ def run(recipe: str, overrides, out: Optional[str], seeds: Optional[str], device
         click.echo(table)
 
 
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/<recipe name>).")
+@device_option
+@click.option("--full", is_flag=True, help="Print the whole resolved recipe (every default filled in), not a summary.")
+def plan(recipe: str, overrides, out: Optional[str], device: Optional[str], full: bool) -> None:
+    """What 'gapbench run RECIPE' would do, and each stage's time here, from a calibration of a few seconds.
+
+    Writes nothing: it reads the run folder (--out, default runs/<name>) to say what
+    would be trained, reused or recomputed, and times a few steps of each stage at the
+    recipe's sizes on this machine and device.
+    """
+    from gapbench.plan import make_plan
+    from gapbench.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    run_dir = Path(out) if out else Path("runs") / r.name
+    click.echo(f"plan: timing {r.name}'s stages for a few seconds ...", err=True)
+    click.echo(make_plan(r, run_dir, device=device).text(full=full))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point: run the CLI, turning user errors into one line and exit status 2."""
     args = list(sys.argv[1:] if argv is None else argv)

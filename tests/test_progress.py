@@ -126,7 +126,7 @@ def _fake_train(r, run_dir, device=None, resume=False, callback=None):
 
 
 def _fake_evaluate(run_dir, overrides=(), device=None, resume=False, callback=None, settings_from=None, restart=False,
-                   workers=None, merge=False):
+                   workers=None, merge=False, checkpoint=None):
     for done in (0, 0.5, 1.25, 2):
         callback("AIS", done, 2)
     return SimpleNamespace(summary_line=lambda: "gaps of 12 points written", reused=False)
@@ -202,7 +202,7 @@ def test_evaluate_gaps_help_gives_evaluation_examples_and_no_fixed_default(capsy
     assert "1000" not in text  # the default is the recipe's, not a constant
     assert "default: the recipe's evaluate.num_points" in text
     assert "--set evaluate.ais.num_steps=200" in text
-    assert "train." not in text  # evaluate-gaps refuses train.* overrides
+    assert "--set train." not in text and "set train." not in text  # evaluate-gaps refuses train.* overrides
     assert "--quiet" in text
 
 
