@@ -258,6 +258,53 @@ def evaluate_gaps(run_dir: str, split, num_points, families, settings_recipe, ov
     click.echo(summary.summary_line())
 
 
+@cli.command("evaluate-model")
+@click.argument("spec", metavar="PACKAGE.MODULE:FACTORY")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False),
+              help="The model's state_dict, saved with torch.save(model.state_dict(), FILE); read as tensors only.")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
+              help="The evaluation points: a .npy, or a .npz with an array named test or x (or only one array).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The run folder to write.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Chooses the points and seeds every stage.")
+@evaluate_set_option
+@device_option
+@click.option("--resume", is_flag=True, help="Reuse finished batches made from these weights, data, settings and code.")
+@click.option("--restart", is_flag=True, help="Discard the finished batches of an interrupted evaluation and start over.")
+@quiet_option
+def evaluate_model(spec: str, weights: str, data_file: str, out: str, seed: int, overrides, device, resume: bool,
+                   restart: bool, quiet: bool) -> None:
+    """Evaluate your own model: FACTORY() from PACKAGE.MODULE with --weights, on --data; writes OUT/gaps/.
+
+    The module is imported from the current directory or PYTHONPATH. Its model has latent_dim,
+    log_prior(z), log_likelihood(x, z) and posterior(x) (README, "Your own model").
+    """
+    from gapbench.own_model import evaluate_model as run_evaluation
+    from gapbench.own_model import load_data, load_model
+    from gapbench.recipe import apply_overrides
+
+    if resume and restart:
+        raise click.UsageError("--resume keeps finished batches and --restart discards them: give one")
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if not key.startswith("evaluate."):
+            raise GapbenchError(f"--set {key}: evaluate-model takes evaluate.* settings only, "
+                                "e.g. --set evaluate.ais.num_steps=200")
+    section = apply_overrides({}, overrides).get("evaluate", {})
+    model = load_model(spec, weights)
+    x = load_data(data_file)
+    bars = _StageBars(enabled=not _quiet(quiet))
+    try:
+        summary = run_evaluation(model, x, Path(out), section, seed=seed, device=device or "auto", resume=resume,
+                                 restart=restart, callback=bars,
+                                 source={"factory": spec, "weights": str(weights), "data": str(data_file)})
+    finally:
+        bars.close()
+    if summary.reused:
+        click.echo(f"evaluate-model: {summary.path.with_suffix('.json')} is up to date (same weights, data, "
+                   "settings and code); nothing recomputed", err=True)
+    click.echo(summary.summary_line())
+
+
 def _splits(ctx, param, value: str):
     splits = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in splits if v not in ("train", "valid", "test")]

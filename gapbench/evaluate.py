@@ -227,18 +227,32 @@ def _plan(run_dir, overrides, device, settings_from, workers: Workers, checkpoin
     check_memory(recipe, inputs, dev)
     model = load_trained_model(run, inputs, dev)
     refines = bool(getattr(get_method(method_name(recipe.train)), "refines", False))
+    # What every result depends on besides its stage's settings: the checkpoint, the data
+    # selection, the seed and batching, the code and the device (see gapbench.provenance).
+    context = prov.evaluation_context(run, recipe, idx, x_all[idx], dev)
+    return plan_from_parts(run, recipe, dev, x_all, idx, model, refines,
+                           None if labels is None else labels[idx], context)
+
+
+def plan_from_parts(run, recipe: Recipe, dev: torch.device, x_all: torch.Tensor, idx: torch.Tensor, model,
+                    refines: bool, labels: Optional[torch.Tensor], context: Dict) -> _Plan:
+    """The plan of evaluating ``model`` on the points ``idx`` of ``x_all`` with ``recipe``'s settings.
+
+    ``run``: where the results go (``gaps_dir``, ``path``, ``epoch``, ``checkpoint``); ``context``:
+    everything the numbers depend on besides each stage's settings (its fingerprint decides reuse).
+    """
+    from gapbench import provenance as prov
+
+    cfg = recipe.evaluate
     stages = stage_names(cfg, recipe.model.encoder, refines=refines)
     families = [s.split("_", 1)[1] for s in stages if s.startswith("local_")]
     all_stages = stages + (["ais_sweep"] if cfg.ais.enabled else [])
     all_stages += ["diagnostics"] if _model_diagnostics(cfg) else []
     stage_settings = {stage: _stage_settings(stage, cfg, recipe.train) for stage in all_stages}
     keys = {stage: prov.fingerprint({"stage": stage, **stage_settings[stage]})[:8] for stage in all_stages}
-    # What every result depends on besides its stage's settings: the checkpoint, the data
-    # selection, the seed and batching, the code and the device (see gapbench.provenance).
-    context = prov.evaluation_context(run, recipe, idx, x_all[idx], dev)
     batches = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
     return _Plan(run=run, recipe=recipe, dev=dev, x_all=x_all, idx=idx, model=model, refines=refines,
-                 labels=None if labels is None else labels[idx], stages=stages, families=families,
+                 labels=labels, stages=stages, families=families,
                  all_stages=all_stages, stage_settings=stage_settings, keys=keys, context=context,
                  fingerprint=prov.fingerprint(context), batches=batches)
 
