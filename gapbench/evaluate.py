@@ -213,6 +213,8 @@ def _plan(run_dir, overrides, device, settings_from, workers: Workers, checkpoin
             device=settings_from.device,
             num_threads=settings_from.num_threads,
         )
+    else:
+        _warn_if_older_recipe(run.path, run.recipe, overrides)
     recipe = run.recipe
     cfg = recipe.evaluate
     dev = rank_device(workers, resolve_device(device or recipe.device))
@@ -255,6 +257,44 @@ def plan_from_parts(run, recipe: Recipe, dev: torch.device, x_all: torch.Tensor,
                  labels=labels, stages=stages, families=families,
                  all_stages=all_stages, stage_settings=stage_settings, keys=keys, context=context,
                  fingerprint=prov.fingerprint(context), batches=batches)
+
+
+def _warn_if_older_recipe(run_path: Path, recipe: Recipe, overrides: Sequence[str]) -> None:
+    """Warn when the run's recipe.yaml lacks evaluate keys that this version writes.
+
+    A resolved recipe spells out every setting, so one written by an older gapbench keeps
+    that version's defaults for the keys it has, while the keys it lacks take today's:
+    a mix that neither version would choose. ``--recipe`` (or ``gapbench run``) avoids it.
+    """
+    import yaml
+
+    from gapbench.experiment import RECIPE_FILE
+    from gapbench.recipe import _to_plain
+
+    try:
+        saved = yaml.safe_load((run_path / RECIPE_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    given = [text.split("=", 1)[0].strip() for text in overrides]
+    have = set(_dotted(saved.get("evaluate") or {}, "evaluate."))
+    missing = [k for k in _dotted(_to_plain(recipe.evaluate), "evaluate.")
+               if k not in have and not any(k == g or k.startswith(g + ".") for g in given)]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        log.warning("%s/%s was written by an older gapbench: it lacks %s (these take today's defaults) while its "
+                    "other evaluate settings are that version's defaults; to evaluate with a current recipe's "
+                    "settings, pass --recipe RECIPE", run_path, RECIPE_FILE, shown)
+
+
+def _dotted(tree: Dict, prefix: str) -> List[str]:
+    """The leaf keys of a nested dict, dotted: {"local": {"lr": 1}} -> ["local.lr"]."""
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            keys += _dotted(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _evaluate(run_dir, overrides, device, resume, callback, settings_from, restart, refresh_report,
