@@ -246,36 +246,28 @@ class Team:
                 return r
         return None
 
-    def check(self) -> None:
-        """Raise :class:`RankFailed` if another rank has failed or gone silent (between units of work)."""
+    def check(self, waiting_on: Optional[Iterable[int]] = None, what: str = "") -> None:
+        """Raise :class:`RankFailed` if another rank has failed, or one of ``waiting_on`` (default: every
+        other rank) has gone silent; ``what`` says what this rank was waiting for."""
         others = [r for r in range(self.workers.world_size) if r != self.workers.rank]
         failure = self._failure(others)
         if failure:
             raise RankFailed(f"{self.workers.label()} stops: {failure}")
-        silent = self._silent(others)
+        silent = self._silent(others if waiting_on is None else waiting_on)
         if silent is not None:
-            raise RankFailed(self._silence(silent, ""))
-
-    def _silence(self, rank: int, what: str) -> str:
-        return (f"{self.workers.label()} stops: {self.workers.label(rank)} has not answered for "
+            raise RankFailed(
+                f"{self.workers.label()} stops: {self.workers.label(silent)} has not answered for "
                 f"{self.timeout:.0f} s{' while ' + what if what else ''} (killed, or its node lost); "
                 "rerun the same command with --resume to compute only what is missing")
 
     def gather(self, phase: str, ranks: Optional[Iterable[int]] = None, what: str = "") -> Dict[int, str]:
         """Every rank's value for ``phase`` once all have posted it."""
         ranks = list(range(self.workers.world_size)) if ranks is None else list(ranks)
-        others = [r for r in range(self.workers.world_size) if r != self.workers.rank]
         keys = {r: self._key("phase", phase, r) for r in ranks}
-        while True:
-            failure = self._failure(others)
-            if failure:
-                raise RankFailed(f"{self.workers.label()} stops: {failure}")
-            if self.store.check(list(keys.values())):
-                return {r: self.store.get(k).decode() for r, k in keys.items()}
-            silent = self._silent(r for r in ranks if r != self.workers.rank)
-            if silent is not None:
-                raise RankFailed(self._silence(silent, what))
+        while not self.store.check(list(keys.values())):
+            self.check(waiting_on=[r for r in ranks if r != self.workers.rank], what=what)
             time.sleep(POLL_SECONDS)
+        return {r: self.store.get(k).decode() for r, k in keys.items()}
 
     def close(self) -> None:
         import torch.distributed as dist
