@@ -193,9 +193,16 @@ def evaluate_run(
 
 
 def _device_setting(run_dir, overrides, settings_from) -> Optional[str]:
+    """The device the evaluation will ask for: read from the recipe alone (the checkpoint is loaded once, later)."""
+    from gapbench.experiment import RECIPE_FILE
+    from gapbench.recipe import load_recipe
+
     if settings_from is not None:
         return settings_from.device
-    return open_run(run_dir, overrides).recipe.device
+    recipe_file = Path(run_dir) / RECIPE_FILE
+    if not recipe_file.is_file():
+        return None  # _plan reports what is wrong with the folder
+    return load_recipe(recipe_file, overrides).device
 
 
 def _plan(run_dir, overrides, device, settings_from, workers: Workers, checkpoint: Optional[int] = None) -> _Plan:
