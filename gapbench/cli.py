@@ -332,7 +332,7 @@ def _epochs(ctx, param, value: Optional[str]):
                    "per run and epoch, instead of the final model's (default --out for one run: "
                    "RUN_DIR/report_checkpoints).")
 def report(run_dirs, out: Optional[str], split, checkpoints) -> None:
-    """Tables (md, tex, csv) and figures (png, pdf) of the gaps of one or more runs."""
+    """Tables (md, tex, csv) and figures (png, pdf) of the gaps of one or more runs, all on one page (report.html)."""
     from gapbench.report import make_report
 
     own = "report" if checkpoints is None else "report_checkpoints"
@@ -341,6 +341,8 @@ def report(run_dirs, out: Optional[str], split, checkpoints) -> None:
         raise click.UsageError("with several runs, say where the report goes: --out DIR")
     written = make_report([Path(d) for d in run_dirs], out_dir, split=split, checkpoints=checkpoints)
     click.echo(f"report written to {out_dir} ({len(written)} files)")
+    if out_dir / "report.html" in written:
+        click.echo(f"all of it on one page, which opens offline: {out_dir / 'report.html'}")
     for name in ("table.md", "methods.md", "seeds.md"):  # the gaps; the training methods or seeds compared, if any
         table = out_dir / name
         if table.exists() and table in written:

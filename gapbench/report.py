@@ -6,7 +6,8 @@ cell is a mean over datapoints ± its standard error, in nats. When a run was
 trained with a method that refines q at test time, L[q_refined] stands between
 L[q*_FFG] and L[q], and the amortization gap splits into the part the refinement
 closes and the part that remains. Written as Markdown, LaTeX (booktabs) and CSV,
-with figures as PNG and PDF.
+with figures as PNG and PDF, and all of it on one self-contained page, report.html
+(:mod:`gapbench.report_html`).
 
 Runs evaluated with ``evaluate.diagnostics`` get diagnostics.{md,tex,csv} too: active
 units, I(x; z), the average and aggregate KL, the latent dimensions the decoder's
@@ -677,7 +678,7 @@ def report_is_current(run_dirs: Sequence[Path], out_dir: Path, split: Union[str,
     splits = [split] if isinstance(split, str) else list(split)
     saved = read_json_or_none(Path(out_dir) / REPORT_INPUTS)
     return (saved is not None and saved == report_inputs(run_dirs, splits, out_dir, checkpoints)
-            and (Path(out_dir) / "table.md").is_file())
+            and all((Path(out_dir) / name).is_file() for name in ("table.md", "report.html")))
 
 
 def rebuild_report(out_dir: Path, default_runs: Sequence[Path], default_split: str) -> List[Path]:
@@ -708,7 +709,7 @@ def _lock_target(out_dir: Path) -> Path:
 
 def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Sequence[str]] = "test",
                 checkpoints: Optional[Sequence[int]] = None) -> List[Path]:
-    """Write table.{md,tex,csv} and the figures for ``run_dirs`` into ``out_dir``; returns the paths.
+    """Write table.{md,tex,csv}, the figures and report.html for ``run_dirs`` into ``out_dir``; returns the paths.
 
     ``split`` may list several splits (e.g. ["train", "test"]): then each run gives one
     column per split, labelled with it, to set training against held-out points.
@@ -765,6 +766,11 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path, split: Union[str, Seque
         for name in DIAGNOSTIC_FILES + METHOD_FILES + SEED_FILES + figures.TRAINING_FILES:
             if out_dir / name not in written and (out_dir / name).is_file():
                 (out_dir / name).unlink()
+        from gapbench.report_html import REPORT_HTML, render_report
+
+        # everything above on one self-contained page
+        write_text(out_dir / REPORT_HTML, render_report(runs, frame, out_dir, written, run_dirs, splits))
+        written.append(out_dir / REPORT_HTML)
         from gapbench.io import write_json
 
         write_json(out_dir / REPORT_INPUTS, report_inputs([r for r in run_dirs], splits, out_dir, checkpoints))
