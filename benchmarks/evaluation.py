@@ -16,6 +16,11 @@ shortfall of a single point (target: at most 0.2 nats).
     python benchmarks/evaluation.py --run R --set evaluate.local.flow_lr=3e-3 --no-reference
     python benchmarks/evaluation.py --profile flow      # per-step cost of the local flow fit against step count
     python benchmarks/evaluation.py --run R --before    # also the local fits of before the fast procedure: speedups
+    python benchmarks/evaluation.py --compare B.json A.json   # the speedup table of two runs made apart
+
+The two halves of ``--before`` can run at once, one per core: the fast fits with
+``--json A.json``, the fits of before with ``--no-reference --json B.json`` and the
+``--set``s that ``--before`` adds (printed by it; :data:`BEFORE`); ``--compare`` joins them.
 
 The reference fits are the slow part (4x the steps); ``--no-reference`` skips them.
 """
@@ -223,6 +228,12 @@ def compare_table(before: List[Dict], after: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _rows(path: Path, key: str) -> List[Dict]:
+    """The rows of a --json output: the list itself, or its ``key`` part (a --before run's)."""
+    data = json.loads(path.read_text())
+    return data[key] if isinstance(data, dict) else data
+
+
 def main(argv=None) -> List[Dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="a trained run folder (default: train one into --work)")
@@ -237,7 +248,13 @@ def main(argv=None) -> List[Dict]:
                         help="also time every stage with the local fits of before the fast procedure and compare")
     parser.add_argument("--profile", choices=["ffg", "flow"], default=None, help="per-step cost of one local fit")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE.json", "AFTER.json"), default=None,
+                        help="print the speedup table of two --json outputs (the fits of before, the fast ones)")
     args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (_rows(Path(p), key) for p, key in zip(args.compare, ("before", "after")))
+        print(compare_table(before, after))
+        return after
     torch.set_num_threads(args.threads)
     run_dir = _run_folder(args)
     recipe, model, x = _setup(run_dir, Path(args.recipe), args.overrides, args.points)

@@ -15,9 +15,10 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor
 
-from gapbench.inference._common import check_batch, check_model, float_dtype, log_joint, seeded
+from gapbench.inference._common import check_batch, check_model, float_dtype, seeded
 from gapbench.inference.adam import adam_update_
 from gapbench.inference.bounds import elbo_and_stderr
+from gapbench.inference.gradients import log_joint_in_z
 from gapbench.inference.progress import ProgressFn, throttled
 from gapbench.models.posterior import Family, FamilyPosterior, as_posterior, get_family
 
@@ -155,6 +156,7 @@ def fit_local(
         raise ValueError(f"gradient must be 'total' or 'path', got {gradient!r}")
     sample = fam.sample_and_path_log_prob if gradient == "path" else fam.sample_and_log_prob
     report = throttled(progress_fn)
+    joint = log_joint_in_z(model)  # gradients reach q's parameters only
     # Point-steps: every pass of the loop is one step of each active datapoint (one that
     # fails stops at it), so a datapoint's steps when it stops are its t then.
     steps_done, steps_total = 0, num_points * max_steps
@@ -202,7 +204,7 @@ def fit_local(
             n = active.numel()
             leaf = f_act.requires_grad_(True)
             z, log_q = sample(unflatten(leaf, active), num_samples, n)  # [S, n, D], [S, n]
-            loss = -(log_joint(model, x_act, z) - log_q).mean(0)  # [n]
+            loss = -(joint(x_act, z) - log_q).mean(0)  # [n]
             (grad,) = torch.autograd.grad(loss.sum(), [leaf], allow_unused=True)
             grad = torch.zeros_like(f_act) if grad is None else grad  # [n, P]
             loss = loss.detach()

@@ -104,3 +104,34 @@ def test_a_changed_density_falls_back_to_autograd(monkeypatch):
     assert torch.allclose(value, ref_value) and torch.allclose(grad, ref_grad)
     monkeypatch.setattr(VAE, "log_likelihood", Tempered.log_likelihood)
     assert mlp_decoder(model) is None
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_log_joint_in_z_for_local_fits(likelihood):
+    """The local fits' log p(x, z): log_joint's value, and in z (through any function of z, here a
+    scaled, shifted z) autograd's gradient; the hand-derived path where the model has one."""
+    from gapbench.inference.gradients import log_joint_in_z
+
+    torch.manual_seed(1)
+    extra = {"gaussian_std": 0.5} if likelihood == "gaussian" else {}
+    model = build_vae((1, 3, 4), latent_dim=3, decoder_hidden=(7,), encoder_hidden=(6,), likelihood=likelihood,
+                      **extra).double().requires_grad_(False)
+    assert (mlp_decoder(model) is not None) == (likelihood == "bernoulli")
+    x = (torch.rand(4, 1, 3, 4) < 0.4).double()
+    scale = torch.rand(4, 3, dtype=torch.float64).requires_grad_(True)
+    eps = torch.randn(5, 4, 3, dtype=torch.float64)
+    weights = torch.rand(5, 4, dtype=torch.float64)
+    value = log_joint_in_z(model)(x, 2 * scale * eps + 1)
+    (grad,) = torch.autograd.grad((weights * value).sum(), scale)
+    ref_value, ref_grad_z = _autograd(model, x, 2 * scale.detach() * eps + 1)
+    ref_grad = (weights.unsqueeze(-1) * ref_grad_z * 2 * eps).sum(0)
+    num_terms = (12 + 7) * 2 + 5
+    assert_close_ulps(value.detach(), ref_value, num_terms=num_terms)
+    assert_close_ulps(grad, ref_grad, num_terms=num_terms, magnitude=4 * ref_grad_z.abs().max() * eps.abs().max() * 5)
+    # No gradient reaches the model's own parameters (the fits move q only).
+    model.requires_grad_(True)
+    value = log_joint_in_z(model)(x, 2 * scale * eps + 1)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(value.sum(), params, allow_unused=True)
+    if likelihood == "bernoulli":
+        assert all(g is None for g in grads)

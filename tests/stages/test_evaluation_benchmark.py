@@ -53,3 +53,7 @@ def test_before_times_the_papers_local_fits_beside_the_fast_ones(evaluation, tra
     assert any(b["mean_steps"] != a["mean_steps"] for b, a in zip(before[1:3], after[1:3]))
     out = capsys.readouterr().out
     assert "speedup" in out and "evaluate.local.procedure=paper" in out
+    # --compare joins two outputs made apart (here both halves of the one above) into the same table.
+    evaluation.main(["--compare", str(out_json), str(out_json)])
+    table = capsys.readouterr().out
+    assert table.strip() == out.strip().split("\n\n")[-1].strip()

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from gapbench.models.flows.base import FlowFamily, _check_positive
 from gapbench.models.flows.layers import ConditionerNet, Params, soft_clamp
-from gapbench.models.flows.transforms import AffineCoupling, CompositeTransform
+from gapbench.models.flows.transforms import MAX_LOG_SCALE, AffineCoupling, CompositeTransform
 from gapbench.ops import log_normal, log_standard_normal
 
 #: Soft bound on the log-variances of q(v0|z0) and r(vT|zT).
@@ -81,20 +81,61 @@ class AuxiliaryFlow(FlowFamily):
         return params
 
     def _gaussian(self, net: ConditionerNet, params: Params, z: Tensor) -> Tuple[Tensor, Tensor]:
-        mean, raw_log_var = net(params, z, params.get("context")).chunk(2, dim=-1)  # [S, N, A]
+        """Mean and bounded log-variance [N, S, A] of q(v|z) or r(v|z) at point-major z [N, S, D]."""
+        mean, raw_log_var = net.points(params, z, params.get("context")).chunk(2, dim=-1)
         return mean, soft_clamp(raw_log_var, MAX_AUX_LOG_VAR)
+
+    # The flow's arithmetic runs point-major ([N, S, F]: each datapoint's samples contiguous), on z
+    # and v held apart: every per-datapoint network is then one baddbmm, and the couplings need no
+    # concatenation or splitting. Its results are those of ``self.transform`` on [z, v].
+
+    def _scale_shift(self, k: int, params: Params, inputs: Tensor) -> Tuple[Tensor, Tensor]:
+        raw_scale, shift = self.transform.transforms[k].net.points(params, inputs).chunk(2, dim=-1)
+        return soft_clamp(raw_scale, MAX_LOG_SCALE), shift
+
+    def _flow(self, params: Params, z: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(zT, vT, log|det|) from (z0, v0), point-major: even couplings update v from z, odd z from v."""
+        logabsdet = 0.0
+        for k in range(len(self.transform.transforms)):
+            if k % 2 == 0:
+                log_scale, shift = self._scale_shift(k, params, z)
+                v = v * torch.exp(log_scale) + shift
+            else:
+                log_scale, shift = self._scale_shift(k, params, v)
+                z = z * torch.exp(log_scale) + shift
+            logabsdet = logabsdet + log_scale.sum(-1)
+        return z, v, logabsdet
+
+    def _flow_inverse(self, params: Params, z: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(z0, v0, log|det d(z0, v0)/d(zT, vT)|) from (zT, vT), point-major."""
+        logabsdet = 0.0
+        for k in reversed(range(len(self.transform.transforms))):
+            if k % 2 == 0:
+                log_scale, shift = self._scale_shift(k, params, z)
+                v = (v - shift) * torch.exp(-log_scale)
+            else:
+                log_scale, shift = self._scale_shift(k, params, v)
+                z = (z - shift) * torch.exp(-log_scale)
+            logabsdet = logabsdet - log_scale.sum(-1)
+        return z, v, logabsdet
+
+    @staticmethod
+    def _point_major(eps: Tensor) -> Tensor:
+        return eps.transpose(0, 1).contiguous()  # [S, N, F] -> [N, S, F]
 
     def transform_noise(self, params: Params, eps_z: Tensor, eps_v: Tensor) -> Tuple[Tensor, Tensor]:
         """zT [S, N, D] and the bound on log q(zT) [S, N], from noise eps_z [S, N, D], eps_v [S, N, A]."""
-        z0, log_q_z0 = self._base_sample(params, eps_z)
+        eps_z, eps_v = self._point_major(eps_z), self._point_major(eps_v)
+        mean, log_var = params["mean"].unsqueeze(1), params["log_var"].unsqueeze(1)  # [N, 1, D]
+        z0 = mean + torch.exp(0.5 * log_var) * eps_z  # [N, S, D]
+        log_q_z0 = log_standard_normal(eps_z) - 0.5 * log_var.sum(-1)
         mean_v, log_var_v = self._gaussian(self.q_v, params, z0)
-        v0 = mean_v + torch.exp(0.5 * log_var_v) * eps_v  # [S, N, A]
+        v0 = mean_v + torch.exp(0.5 * log_var_v) * eps_v  # [N, S, A]
         log_q_v0 = log_standard_normal(eps_v) - 0.5 * log_var_v.sum(-1)
-        zv, logabsdet = self.transform.forward(params, torch.cat([z0, v0], dim=-1))
-        z, v = zv[..., : self.latent_dim], zv[..., self.latent_dim :]
+        z, v, logabsdet = self._flow(params, z0, v0)
         mean_r, log_var_r = self._gaussian(self.r_v, params, z)
         log_r = log_normal(v, mean_r, log_var_r)
-        return z, log_q_z0 + log_q_v0 - logabsdet - log_r
+        return z.transpose(0, 1), (log_q_z0 + log_q_v0 - logabsdet - log_r).transpose(0, 1)
 
     def _noise(self, params: Params, num_samples: int, num_points: Optional[int]) -> Tuple[Tensor, Tensor]:
         eps_z = self._base_noise(params, num_samples, num_points)
@@ -113,17 +154,17 @@ class AuxiliaryFlow(FlowFamily):
         (zT, vT). The reverse model r(vT|zT) is not the sampling distribution, so it
         keeps its full gradient (its parameters are learned through it alone).
         """
-        eps_z, eps_v = self._noise(params, num_samples, num_points)
-        z0, _ = self._base_sample(params, eps_z)
+        eps_z, eps_v = (self._point_major(e) for e in self._noise(params, num_samples, num_points))
+        mean, log_var = params["mean"].unsqueeze(1), params["log_var"].unsqueeze(1)
+        z0 = mean + torch.exp(0.5 * log_var) * eps_z  # [N, S, D]
         mean_v, log_var_v = self._gaussian(self.q_v, params, z0)
         v0 = mean_v + torch.exp(0.5 * log_var_v) * eps_v
-        zv, _ = self.transform.forward(params, torch.cat([z0, v0], dim=-1))
-        fixed = {k: v.detach() for k, v in params.items()}
-        zv0, inv_logabsdet = self.transform.inverse(fixed, zv)
-        z0, v0 = zv0[..., : self.latent_dim], zv0[..., self.latent_dim :]
-        log_q_z0 = log_normal(z0, fixed["mean"], fixed["log_var"])
+        z, v, _ = self._flow(params, z0, v0)
+        fixed = {k: p.detach() for k, p in params.items()}
+        z0, v0, inv_logabsdet = self._flow_inverse(fixed, z, v)
+        log_q_z0 = log_normal(z0, fixed["mean"].unsqueeze(1), fixed["log_var"].unsqueeze(1))
         mean_v, log_var_v = self._gaussian(self.q_v, fixed, z0)
         log_q_v0 = log_normal(v0, mean_v, log_var_v)
-        z, v = zv[..., : self.latent_dim], zv[..., self.latent_dim :]
         mean_r, log_var_r = self._gaussian(self.r_v, params, z)
-        return z, log_q_z0 + log_q_v0 + inv_logabsdet - log_normal(v, mean_r, log_var_r)
+        log_q = log_q_z0 + log_q_v0 + inv_logabsdet - log_normal(v, mean_r, log_var_r)
+        return z.transpose(0, 1), log_q.transpose(0, 1)

@@ -32,6 +32,21 @@ def batched_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
     return y if bias is None else y + bias
 
 
+def point_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`batched_linear` for point-major inputs: y[n, s] = x[n, s] @ weight[n] + bias[n].
+
+    x: [N, S, I] (or [N, 1, I]); weight: [N, I, O] or [1, I, O]; bias: [N, O] or [1, O].
+    Returns [N, S, O]. Each datapoint's S rows are contiguous, so N networks are one batched
+    matmul with the bias added in the same call, and no transposes or copies are needed.
+    """
+    if weight.shape[0] == 1:
+        y = x @ weight[0]
+        return y if bias is None else y + bias.unsqueeze(1)
+    if bias is None:
+        return torch.bmm(x, weight)
+    return torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+
 def soft_clamp(x: Tensor, bound: float) -> Tensor:
     """bound * tanh(x / bound): the identity near 0, smoothly limited to (-bound, bound)."""
     return bound * torch.tanh(x / bound)
@@ -91,3 +106,13 @@ class ConditionerNet:
                 raise ValueError(f"network {p!r} needs a context vector of size {self.context_dim}")
             pre = pre + batched_linear(context.unsqueeze(0), params[f"{p}_wc"])  # [1, N, H]
         return batched_linear(F.elu(pre), params[f"{p}_w1"], params[f"{p}_b1"])  # [S, N, O]
+
+    def points(self, params: Params, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        """The same network on point-major inputs: x [N, S, I], context [N, C] -> [N, S, O]."""
+        p = self.prefix
+        pre = point_linear(x, params[f"{p}_w0"], params[f"{p}_b0"])  # [N, S, H]
+        if self.context_dim:
+            if context is None:
+                raise ValueError(f"network {p!r} needs a context vector of size {self.context_dim}")
+            pre = pre + point_linear(context.unsqueeze(1), params[f"{p}_wc"])  # [N, 1, H]
+        return point_linear(F.elu(pre), params[f"{p}_w1"], params[f"{p}_b1"])  # [N, S, O]
