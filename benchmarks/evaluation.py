@@ -3,8 +3,8 @@
 Trains the Fashion-MNIST FFG model of ``recipes/cremer2018-small/fashion_ffg.yaml``
 (or opens a run folder given with ``--run``), takes the first ``--points`` of the
 datapoints its evaluation selects, and runs every stage of ``evaluate-gaps`` with the
-recipe's evaluation settings (``--set evaluate.k=v`` overrides any), one batch, the
-seeds of batch 0. Per stage it prints wall time, steps taken and fits converged;
+recipe's evaluation settings (``--set evaluate.k=v`` overrides any), in the recipe's
+batches (``evaluate.batch_size``) with each batch's seeds, as ``evaluate-gaps`` runs them. Per stage it prints wall time, steps taken and fits converged;
 for the local fits also their accuracy against the *reference*: the run's own
 local-fit settings (without the ``--set`` overrides) with 4x the step budget and
 twice the patience, from the same start. Accuracy is the
@@ -82,7 +82,38 @@ def _timed(fn):
 
 
 def evaluate_stages(recipe, model, x, reference: bool, reference_local=None) -> List[Dict]:
-    """Every stage of the evaluation on x (one batch, batch 0's seeds); one row per stage (and reference).
+    """Every stage of the evaluation on x, batch by batch as evaluate-gaps runs it (evaluate.batch_size,
+    batch b with batch b's seeds); one row per stage (and reference), over all batches."""
+    size = recipe.evaluate.batch_size
+    per_batch = [_batch_stages(recipe, model, x[i: i + size], b, reference, reference_local)
+                 for b, i in enumerate(range(0, x.shape[0], size))]
+    return [_merge_rows(rows) for rows in zip(*per_batch)]
+
+
+#: How a row's entries combine over batches: summed, the largest, or averaged over datapoints.
+_SUMMED = ("seconds", "points", "converged", "ref_seconds", "ref_converged")
+_LARGEST = ("max_steps_taken", "worst_shortfall")
+
+
+def _merge_rows(rows) -> Dict:
+    """One stage's rows of every batch as one row over all their datapoints."""
+    total = sum(r["points"] for r in rows)
+    merged = {"stage": rows[0]["stage"]}
+    for key in rows[0]:
+        if key == "stage":
+            continue
+        values = [r[key] for r in rows]
+        if key in _SUMMED:
+            merged[key] = sum(values)
+        elif key in _LARGEST:
+            merged[key] = max(values)
+        else:  # a mean over the batch's datapoints
+            merged[key] = sum(v * r["points"] for v, r in zip(values, rows)) / total
+    return merged
+
+
+def _batch_stages(recipe, model, x, batch: int, reference: bool, reference_local=None) -> List[Dict]:
+    """Every stage of the evaluation on one batch x, with batch ``batch``'s seeds; one row per stage.
 
     The reference of a local fit is ``reference_local`` (the recipe's own local settings, before any
     --set) with 4x max_steps and twice the patience, from the same start.
@@ -105,7 +136,7 @@ def evaluate_stages(recipe, model, x, reference: bool, reference_local=None) -> 
         return DiagonalGaussian(model.latent_dim).posterior({"mean": p[0], "log_var": p[1]})
 
     for stage in stage_names(cfg, recipe.model.encoder):
-        seed = _stage_seed(recipe.seed, stage, 0)
+        seed = _stage_seed(recipe.seed, stage, batch)
         family = stage.split("_", 1)[1] if stage.startswith("local_") else None
         kwargs = local_family_kwargs(family, cfg, recipe.model) if family else None
         if family:

@@ -57,3 +57,17 @@ def test_before_times_the_papers_local_fits_beside_the_fast_ones(evaluation, tra
     evaluation.main(["--compare", str(out_json), str(out_json)])
     table = capsys.readouterr().out
     assert table.strip() == out.strip().split("\n\n")[-1].strip()
+
+
+def test_points_run_in_the_recipes_batches_with_each_batchs_seeds(evaluation, trained_tiny):
+    """With evaluate.batch_size 2, 4 points are two batches (as evaluate-gaps runs them); the rows add
+    their seconds and counts and average their estimates over datapoints."""
+    rows = evaluation.main(["--run", str(trained_tiny), "--recipe", str(trained_tiny.parent / "tiny.yaml"),
+                            "--points", "4", "--no-reference", "--set", "evaluate.batch_size=2"])
+    assert all(r["points"] == 4 for r in rows) and 0 <= rows[1]["converged"] <= 4
+    merged = evaluation._merge_rows([
+        {"stage": "local_ffg", "seconds": 1.0, "points": 1, "estimate": -3.0, "max_steps_taken": 5, "converged": 1},
+        {"stage": "local_ffg", "seconds": 2.0, "points": 3, "estimate": -1.0, "max_steps_taken": 9, "converged": 2},
+    ])
+    assert merged == {"stage": "local_ffg", "seconds": 3.0, "points": 4, "estimate": -1.5, "max_steps_taken": 9,
+                      "converged": 3}
