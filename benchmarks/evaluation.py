@@ -4,7 +4,8 @@ Trains the Fashion-MNIST FFG model of ``recipes/cremer2018-small/fashion_ffg.yam
 (or opens a run folder given with ``--run``), takes the first ``--points`` of the
 datapoints its evaluation selects, and runs every stage of ``evaluate-gaps`` with the
 recipe's evaluation settings (``--set evaluate.k=v`` overrides any), in the recipe's
-batches (``evaluate.batch_size``) with each batch's seeds, as ``evaluate-gaps`` runs them. Per stage it prints wall time, steps taken and fits converged;
+batches (``evaluate.batch_size``) with each batch's seeds, as ``evaluate-gaps`` runs them.
+Per stage it prints wall time, steps taken and fits converged;
 for the local fits also their accuracy against the *reference*: the run's own
 local-fit settings (without the ``--set`` overrides) with 4x the step budget and
 twice the patience, from the same start. Accuracy is the

@@ -108,10 +108,16 @@ def test_a_model_that_gives_nan_for_one_datapoint_is_flagged_end_to_end(
         values = df.loc[~bad, key]
         assert js["stats"][key]["n"] == 11
         assert js["stats"][key]["mean"] == pytest.approx(values.mean(), abs=1e-5), key
-    # The other batches run under their own seeds and never see the bad point: bit for bit the reference.
+    # The other batches run under their own seeds and never see the bad point: the reference's rows, up to
+    # rounding. (Not bit for bit: a patched likelihood turns off the local fits' hand-derived decoder
+    # gradient, and autograd's sums round differently; over a fit's steps that moves L[q*] by ~1e-6 nats.)
     others = ~df.index.isin(range(5, 10))
-    numeric = [c for c in ref.columns if c not in ("split",)]
-    pd.testing.assert_frame_equal(df.loc[others, numeric], ref.loc[others, numeric])
+    exact = [c for c in ref.columns
+             if c != "split" and (ref[c].dtype.kind != "f" or c.startswith(("steps_", "converged_")))]
+    pd.testing.assert_frame_equal(df.loc[others, exact], ref.loc[others, exact])
+    numeric = [c for c in ref.columns if c not in exact and c != "split"]
+    drift = (df.loc[others, numeric] - ref.loc[others, numeric]).abs().max().max()
+    assert drift <= 1e-4, f"rows of batches without the bad point moved by {drift:.2e} nats"
     # Its batch-mates stay finite and agree with the reference within Monte Carlo error.
     mates = df.index.isin(range(5, 10)) & ~bad
     for col in ("elbo_q", "elbo_ffg", "elbo_flow"):
