@@ -80,41 +80,59 @@ class AuxiliaryFlow(FlowFamily):
             params["context"] = params["mean"].new_zeros(num_points, self.context_dim)
         return params
 
-    def _gaussian(self, net: ConditionerNet, params: Params, z: Tensor) -> Tuple[Tensor, Tensor]:
-        """Mean and bounded log-variance [N, S, A] of q(v|z) or r(v|z) at point-major z [N, S, D]."""
-        mean, raw_log_var = net.points(params, z, params.get("context")).chunk(2, dim=-1)
+    def _gaussian(self, net: ConditionerNet, params: Params, z: Tensor, record=None, replay=None):
+        """Mean and bounded log-variance [N, S, A] of q(v|z) or r(v|z) at point-major z [N, S, D].
+
+        ``record``: a list to which the network's (output, pre-activation) is appended; ``replay``:
+        such a pair, from the same parameters at the same z, to reuse (see ConditionerNet.replay)."""
+        mean, raw_log_var = self._net(net, params, z, params.get("context"), record, replay).chunk(2, dim=-1)
         return mean, soft_clamp(raw_log_var, MAX_AUX_LOG_VAR)
+
+    @staticmethod
+    def _net(net: ConditionerNet, params: Params, x: Tensor, context=None, record=None, replay=None) -> Tensor:
+        if replay is not None:
+            return net.replay(params, x, *replay)
+        if record is None:
+            return net.points(params, x, context)
+        output, pre = net.points_and_hidden(params, x, context)
+        record.append((output, pre))
+        return output
 
     # The flow's arithmetic runs point-major ([N, S, F]: each datapoint's samples contiguous), on z
     # and v held apart: every per-datapoint network is then one baddbmm, and the couplings need no
     # concatenation or splitting. Its results are those of ``self.transform`` on [z, v].
 
-    def _scale_shift(self, k: int, params: Params, inputs: Tensor) -> Tuple[Tensor, Tensor]:
-        raw_scale, shift = self.transform.transforms[k].net.points(params, inputs).chunk(2, dim=-1)
+    def _scale_shift(self, k: int, params: Params, inputs: Tensor, record=None, replay=None) -> Tuple[Tensor, Tensor]:
+        raw = self._net(self.transform.transforms[k].net, params, inputs, None, record, replay)
+        raw_scale, shift = raw.chunk(2, dim=-1)
         return soft_clamp(raw_scale, MAX_LOG_SCALE), shift
 
-    def _flow(self, params: Params, z: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """(zT, vT, log|det|) from (z0, v0), point-major: even couplings update v from z, odd z from v."""
+    def _flow(self, params: Params, z: Tensor, v: Tensor, record=None) -> Tuple[Tensor, Tensor, Tensor]:
+        """(zT, vT, log|det|) from (z0, v0), point-major: even couplings update v from z, odd z from v.
+        ``record``: a list that receives each coupling's network (output, pre-activation), in order."""
         logabsdet = 0.0
         for k in range(len(self.transform.transforms)):
             if k % 2 == 0:
-                log_scale, shift = self._scale_shift(k, params, z)
+                log_scale, shift = self._scale_shift(k, params, z, record)
                 v = v * torch.exp(log_scale) + shift
             else:
-                log_scale, shift = self._scale_shift(k, params, v)
+                log_scale, shift = self._scale_shift(k, params, v, record)
                 z = z * torch.exp(log_scale) + shift
             logabsdet = logabsdet + log_scale.sum(-1)
         return z, v, logabsdet
 
-    def _flow_inverse(self, params: Params, z: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """(z0, v0, log|det d(z0, v0)/d(zT, vT)|) from (zT, vT), point-major."""
+    def _flow_inverse(self, params: Params, z: Tensor, v: Tensor, replay=None) -> Tuple[Tensor, Tensor, Tensor]:
+        """(z0, v0, log|det d(z0, v0)/d(zT, vT)|) from (zT, vT), point-major. ``replay``: what ``_flow``
+        recorded with the same parameters on the way to (zT, vT): the couplings' networks are then not
+        run again (their inputs here equal those up to rounding), only differentiated."""
         logabsdet = 0.0
         for k in reversed(range(len(self.transform.transforms))):
+            again = None if replay is None else replay[k]
             if k % 2 == 0:
-                log_scale, shift = self._scale_shift(k, params, z)
+                log_scale, shift = self._scale_shift(k, params, z, replay=again)
                 v = (v - shift) * torch.exp(-log_scale)
             else:
-                log_scale, shift = self._scale_shift(k, params, v)
+                log_scale, shift = self._scale_shift(k, params, v, replay=again)
                 z = (z - shift) * torch.exp(-log_scale)
             logabsdet = logabsdet - log_scale.sum(-1)
         return z, v, logabsdet
@@ -157,13 +175,16 @@ class AuxiliaryFlow(FlowFamily):
         eps_z, eps_v = (self._point_major(e) for e in self._noise(params, num_samples, num_points))
         mean, log_var = params["mean"].unsqueeze(1), params["log_var"].unsqueeze(1)
         z0 = mean + torch.exp(0.5 * log_var) * eps_z  # [N, S, D]
-        mean_v, log_var_v = self._gaussian(self.q_v, params, z0)
+        q_v_seen, couplings_seen = [], []
+        mean_v, log_var_v = self._gaussian(self.q_v, params, z0, record=q_v_seen)
         v0 = mean_v + torch.exp(0.5 * log_var_v) * eps_v
-        z, v, _ = self._flow(params, z0, v0)
+        z, v, _ = self._flow(params, z0, v0, record=couplings_seen)
+        # The inverse meets every network at the inputs the forward pass gave it: its values are
+        # reused, and only the networks' Jacobians in their inputs are applied in the backward pass.
         fixed = {k: p.detach() for k, p in params.items()}
-        z0, v0, inv_logabsdet = self._flow_inverse(fixed, z, v)
+        z0, v0, inv_logabsdet = self._flow_inverse(fixed, z, v, replay=couplings_seen)
         log_q_z0 = log_normal(z0, fixed["mean"].unsqueeze(1), fixed["log_var"].unsqueeze(1))
-        mean_v, log_var_v = self._gaussian(self.q_v, fixed, z0)
+        mean_v, log_var_v = self._gaussian(self.q_v, fixed, z0, replay=q_v_seen[0])
         log_q_v0 = log_normal(v0, mean_v, log_var_v)
         mean_r, log_var_r = self._gaussian(self.r_v, params, z)
         log_q = log_q_z0 + log_q_v0 + inv_logabsdet - log_normal(v, mean_r, log_var_r)
