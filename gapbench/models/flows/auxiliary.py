@@ -141,12 +141,15 @@ class AuxiliaryFlow(FlowFamily):
     def _point_major(eps: Tensor) -> Tensor:
         return eps.transpose(0, 1).contiguous()  # [S, N, F] -> [N, S, F]
 
+    @staticmethod
+    def _base_points(params: Params) -> Params:
+        """The base Gaussian's mean and log_var as [N, 1, D], to broadcast over point-major samples."""
+        return {"mean": params["mean"].unsqueeze(1), "log_var": params["log_var"].unsqueeze(1)}
+
     def transform_noise(self, params: Params, eps_z: Tensor, eps_v: Tensor) -> Tuple[Tensor, Tensor]:
         """zT [S, N, D] and the bound on log q(zT) [S, N], from noise eps_z [S, N, D], eps_v [S, N, A]."""
         eps_z, eps_v = self._point_major(eps_z), self._point_major(eps_v)
-        mean, log_var = params["mean"].unsqueeze(1), params["log_var"].unsqueeze(1)  # [N, 1, D]
-        z0 = mean + torch.exp(0.5 * log_var) * eps_z  # [N, S, D]
-        log_q_z0 = log_standard_normal(eps_z) - 0.5 * log_var.sum(-1)
+        z0, log_q_z0 = self._base_sample(self._base_points(params), eps_z)  # [N, S, D], [N, S]
         mean_v, log_var_v = self._gaussian(self.q_v, params, z0)
         v0 = mean_v + torch.exp(0.5 * log_var_v) * eps_v  # [N, S, A]
         log_q_v0 = log_standard_normal(eps_v) - 0.5 * log_var_v.sum(-1)
@@ -173,8 +176,8 @@ class AuxiliaryFlow(FlowFamily):
         keeps its full gradient (its parameters are learned through it alone).
         """
         eps_z, eps_v = (self._point_major(e) for e in self._noise(params, num_samples, num_points))
-        mean, log_var = params["mean"].unsqueeze(1), params["log_var"].unsqueeze(1)
-        z0 = mean + torch.exp(0.5 * log_var) * eps_z  # [N, S, D]
+        base = self._base_points(params)
+        z0, _ = self._base_sample(base, eps_z)  # [N, S, D]
         q_v_seen, couplings_seen = [], []
         mean_v, log_var_v = self._gaussian(self.q_v, params, z0, record=q_v_seen)
         v0 = mean_v + torch.exp(0.5 * log_var_v) * eps_v
@@ -183,7 +186,7 @@ class AuxiliaryFlow(FlowFamily):
         # reused, and only the networks' Jacobians in their inputs are applied in the backward pass.
         fixed = {k: p.detach() for k, p in params.items()}
         z0, v0, inv_logabsdet = self._flow_inverse(fixed, z, v, replay=couplings_seen)
-        log_q_z0 = log_normal(z0, fixed["mean"].unsqueeze(1), fixed["log_var"].unsqueeze(1))
+        log_q_z0 = log_normal(z0, base["mean"].detach(), base["log_var"].detach())
         mean_v, log_var_v = self._gaussian(self.q_v, fixed, z0, replay=q_v_seen[0])
         log_q_v0 = log_normal(v0, mean_v, log_var_v)
         mean_r, log_var_r = self._gaussian(self.r_v, params, z)

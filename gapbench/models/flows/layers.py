@@ -99,13 +99,8 @@ class ConditionerNet:
         return params
 
     def __call__(self, params: Params, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        p = self.prefix
-        pre = batched_linear(x, params[f"{p}_w0"], params[f"{p}_b0"])  # [S, N, H]
-        if self.context_dim:
-            if context is None:
-                raise ValueError(f"network {p!r} needs a context vector of size {self.context_dim}")
-            pre = pre + batched_linear(context.unsqueeze(0), params[f"{p}_wc"])  # [1, N, H]
-        return batched_linear(F.elu(pre), params[f"{p}_w1"], params[f"{p}_b1"])  # [S, N, O]
+        """The network on sample-major inputs: x [S, N, I], context [N, C] -> [S, N, O]."""
+        return self.points(params, x.transpose(0, 1), context).transpose(0, 1)
 
     def points(self, params: Params, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """The same network on point-major inputs: x [N, S, I], context [N, C] -> [N, S, O]."""
