@@ -1,9 +1,11 @@
 """How far the estimators converged, stated beside every number they produced.
 
 * Local fits (q*): how many datapoints stopped by the stopping rule (no new best
-  in ``patience`` checks) and how many were cut off at ``max_steps``. A fit cut
-  off at its cap is still rising, so its L[q*] is too low and the amortization
-  gap too small.
+  in ``patience`` checks), how many were cut off at ``max_steps`` and how many
+  collapsed. A fit cut off at its cap is still rising, so its L[q*] is too low
+  and the amortization gap too small. A collapsed fit ended far below its best
+  check (its step size too large); its q* is its best check's, which may be short
+  of the optimum.
 * AIS: the change of the mean estimate over the last doubling of intermediate
   distributions, from the convergence sweep (the same points annealed with T/2
   and T steps), with its standard error over those points. AIS is a stochastic
@@ -33,12 +35,15 @@ def local_convergence(df: pd.DataFrame, families: Sequence[str], max_steps: int)
         converged = df[f"converged_{fam}"].to_numpy() > 0.5
         finite = np.isfinite(df[f"elbo_{fam}"].to_numpy())
         steps = df[f"steps_{fam}"].to_numpy() if f"steps_{fam}" in df else np.full(len(df), np.nan)
-        at_cap = ~converged & finite & (steps >= max_steps)
+        # Results written before collapses were detected have no such column: none was flagged.
+        collapsed = (df[f"collapsed_{fam}"].to_numpy() > 0.5) if f"collapsed_{fam}" in df else np.zeros(len(df), bool)
+        at_cap = ~converged & ~collapsed & finite & (steps >= max_steps)
         out[fam] = {
             "num_points": int(len(df)),
             "converged": int(converged.sum()),
             "at_step_cap": int(at_cap.sum()),
-            "failed": int((~converged & ~at_cap).sum()),
+            "collapsed": int(collapsed.sum()),
+            "failed": int((~converged & ~at_cap & ~collapsed).sum()),
             "max_steps": int(max_steps),
             "mean_steps": float(np.nanmean(steps)) if len(df) and np.isfinite(steps).any() else math.nan,
         }
@@ -85,6 +90,13 @@ def warnings_for(convergence: Dict) -> List[str]:
                 f"q*_{label}: {c['at_step_cap']} of {c['num_points']} local fits stopped at the step cap "
                 f"(evaluate.local.max_steps={c['max_steps']}) before converging, so their L[q*] is too low; "
                 "raise evaluate.local.max_steps"
+            )
+        if c.get("collapsed"):
+            key = "evaluate.local.lr" if fam == "ffg" else "evaluate.local.flow_lr"
+            lines.append(
+                f"q*_{label}: {c['collapsed']} of {c['num_points']} local fits collapsed (their loss ended far "
+                "above its best, a step size too large for them); their L[q*] is their best check's and may be "
+                f"too low; lower {key}"
             )
     a = convergence.get("ais")
     if a is not None and not a["converged"]:

@@ -160,6 +160,7 @@ def run_stage(
             f"elbo_{family}_se": fit.elbo_stderr,
             f"steps_{family}": fit.num_steps.double(),
             f"converged_{family}": fit.converged.double(),
+            f"collapsed_{family}": fit.collapsed.double(),
         }
         traces = {"steps": fit.trace.steps, "elbo": fit.trace.elbo}
         if family == "ffg":

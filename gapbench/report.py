@@ -180,6 +180,14 @@ def _families_shown(runs: Sequence[RunGaps]) -> List[str]:
     return fams
 
 
+def _not_converged_note(c: Dict) -> str:
+    """' (3 at step cap, 1 collapsed)' for a family's local convergence; '' when every fit converged."""
+    parts = [f"{c['at_step_cap']} at step cap"] if c.get("at_step_cap") else []
+    if c.get("collapsed"):
+        parts.append(f"{c['collapsed']} collapsed")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def extra_rows(runs: Sequence[RunGaps]) -> List[Tuple[str, str, str, List[Dict]]]:
     """Rows below the estimates: datapoints, bounds out of order, convergence of each local family and of AIS.
 
@@ -200,7 +208,7 @@ def extra_rows(runs: Sequence[RunGaps]) -> List[Tuple[str, str, str, List[Dict]]
             c = convergence_of(r).get("local", {}).get(fam)
             cells.append(None if c is None else {
                 "mean": c["converged"], "se": None, "n": c["num_points"],
-                "text": f"{c['converged']} / {c['num_points']}" + (f" ({c['at_step_cap']} at step cap)" if c["at_step_cap"] else ""),
+                "text": f"{c['converged']} / {c['num_points']}" + _not_converged_note(c),
             })
         rows.append((f"converged_{fam}", f"q*_{name} converged (stopping rule)",
                      rf"$q^*_{{\mathrm{{{name}}}}}$ converged", cells))

@@ -167,7 +167,7 @@ def _cell_warns(runs, key: str) -> List[bool]:
             marks.append(bool(s["num_order_violations"]))
         elif key.startswith("converged_"):
             c = conv.get("local", {}).get(key[len("converged_"):])
-            marks.append(bool(c and (c["at_step_cap"] or c["failed"])))
+            marks.append(bool(c and (c["at_step_cap"] or c["failed"] or c.get("collapsed"))))
         elif key == "ais_last_doubling_change":
             marks.append(bool(conv.get("ais") and not conv["ais"]["converged"]))
         else:

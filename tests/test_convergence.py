@@ -36,6 +36,7 @@ def test_local_convergence_counts_converged_capped_and_failed_fits():
         "num_points": 6,
         "converged": 2,
         "at_step_cap": 2,
+        "collapsed": 0,
         "failed": 2,
         "max_steps": 100,
         "mean_steps": pytest.approx((40 + 100 + 100 + 100 + 30 + 100) / 6, rel=4 * torch.finfo(F64).eps),
@@ -43,7 +44,29 @@ def test_local_convergence_counts_converged_capped_and_failed_fits():
     assert got["flow"]["converged"] == 6 and got["flow"]["at_step_cap"] == 0 and got["flow"]["failed"] == 0
     # every fit is counted exactly once
     for c in got.values():
-        assert c["converged"] + c["at_step_cap"] + c["failed"] == c["num_points"]
+        assert c["converged"] + c["at_step_cap"] + c["collapsed"] + c["failed"] == c["num_points"]
+
+
+def test_collapsed_fits_are_their_own_count_and_warning():
+    """A collapsed fit (column collapsed_<family>, written since collapses are detected) is neither
+    converged, nor at the cap, nor failed, wherever it stopped; its warning names the rate to lower."""
+    fits = _fits()
+    fits["collapsed_flow"] = [0.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    fits["converged_flow"] = 1.0 - fits["collapsed_flow"]
+    fits.loc[4, "steps_flow"] = 100  # a collapse at the cap is still a collapse
+    fits["collapsed_ffg"] = 0.0
+    got = local_convergence(fits, ["ffg", "flow"], max_steps=100)
+    assert got["flow"]["collapsed"] == 2 and got["flow"]["converged"] == 4
+    assert got["flow"]["at_step_cap"] == 0 and got["flow"]["failed"] == 0
+    assert got["ffg"]["collapsed"] == 0 and got["ffg"]["failed"] == 2  # unchanged by an all-zero column
+    lines = [line for line in warnings_for({"local": got}) if "collapsed" in line]
+    assert len(lines) == 1 and "q*_Flow: 2 of 6 local fits collapsed" in lines[0]
+    assert lines[0].endswith("lower evaluate.local.flow_lr")
+    fits["collapsed_ffg"] = [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # -inf and collapsed: counted once, as collapsed
+    got = local_convergence(fits, ["ffg"], max_steps=100)["ffg"]
+    assert got["collapsed"] == 1 and got["failed"] == 1 and got["at_step_cap"] == 2
+    assert [line for line in warnings_for({"local": {"ffg": got}}) if "collapsed" in line][0].endswith(
+        "lower evaluate.local.lr")
 
 
 def test_local_convergence_cap_is_the_recipes_max_steps():

@@ -40,8 +40,11 @@ class LocalFit:
 
     elbo [N] float64: L[q*] from ``num_final_samples`` fresh samples; elbo_stderr [N] its MC error.
     q: the fitted posterior (FamilyPosterior, detached); params: its parameter dict [N, ...].
-    num_steps [N]: Adam steps taken; converged [N]: the stopping rule fired before max_steps;
-    finite [N]: no NaN/inf met (loss, gradient or final ELBO). trace: :class:`FitTrace`.
+    num_steps [N]: Adam steps taken; converged [N]: the stopping rule fired before max_steps
+    and the fit had not collapsed; finite [N]: no NaN/inf met (loss, gradient or final ELBO);
+    collapsed [N]: the fit's last check averaged a loss more than :data:`COLLAPSE_NATS` nats (plus
+    5 standard errors) worse than its best check, or than its first step at the start (a step size
+    too large for it), so q* holds the parameters there instead of its last ones. trace: :class:`FitTrace`.
     """
 
     elbo: Tensor
@@ -52,10 +55,18 @@ class LocalFit:
     converged: Tensor
     finite: Tensor
     trace: FitTrace
+    collapsed: Optional[Tensor] = None
 
     @property
     def num_nonfinite(self) -> int:
         return int((~self.finite).sum())
+
+
+#: A fit has collapsed when its last check's average loss is worse than its best check's by more
+#: than this many nats plus 5 of that best average's standard errors (or worse than the loss of its
+#: first step, at its start, by this many nats): far beyond the Monte Carlo noise of a window, so
+#: only a fit that left its optimum (a step size too large) is caught.
+COLLAPSE_NATS = 1.0
 
 
 def _per_point(params: Dict[str, Tensor], num_points: int) -> Dict[str, Tensor]:
@@ -181,6 +192,13 @@ def fit_local(
         per_point_lr = lr_decay != 1.0
         lr_now = torch.full((num_points,), float(lr), dtype=dtype, device=device) if per_point_lr else None
         best = torch.full((num_points,), float("inf"), dtype=torch.float64, device=device)
+        # What a collapsed fit falls back to: each datapoint's parameters at its lowest check average
+        # (those of the window's last step) with that average's standard error, and its start with the
+        # loss of its first step (a fit may blow up within its first window).
+        best_flat, start_flat = flat.clone(), flat.clone()
+        best_se = torch.zeros(num_points, dtype=torch.float64, device=device)
+        start_loss = torch.full((num_points,), float("inf"), dtype=torch.float64, device=device)
+        fresh_points = True  # some active datapoint is at its first step
         bad_checks = torch.zeros(num_points, dtype=torch.long, device=device)
         num_checks = torch.zeros(num_points, dtype=torch.long, device=device)
         converged = torch.zeros(num_points, dtype=torch.bool, device=device)
@@ -220,10 +238,13 @@ def fit_local(
             # A datapoint whose loss or gradient is not finite keeps its last parameters.
             f_act = new if all_ok else torch.where(ok[:, None], new, old)
             steps[active] = torch.where(ok, t, steps[active])
+            if fresh_points:
+                first = ok & (t == 1)
+                start_loss[active[first]] = loss[first].double()
+                fresh_points = False
             kept = torch.where(ok, loss.double(), torch.zeros_like(loss, dtype=torch.float64))
             window[active] += kept
-            if improvement_se:
-                window_sq[active] += kept * kept
+            window_sq[active] += kept * kept
 
             # The stopping rule, for the datapoints at a check (all active ones share t % check_every
             # unless the batch was refilled, so this branch is rare).
@@ -233,12 +254,14 @@ def fit_local(
                 idx = active[at_check]
                 avg = window[idx] / check_every
                 trace[num_checks[idx], idx] = -avg
-                if improvement_se:
-                    var = (window_sq[idx] / check_every - avg * avg).clamp_min(0.0)
-                    improved = avg < best[idx] - improvement_se * (var / check_every).sqrt()
-                    window_sq[idx] = 0.0
-                else:
-                    improved = avg < best[idx]
+                se = ((window_sq[idx] / check_every - avg * avg).clamp_min(0.0) / check_every).sqrt()
+                window_sq[idx] = 0.0
+                improved = avg < best[idx] - improvement_se * se if improvement_se else avg < best[idx]
+                lowest = avg < best[idx]
+                if bool(lowest.any()):
+                    # The parameters of the window's last loss (before this step's update).
+                    best_flat[idx[lowest]] = old[at_check][lowest]
+                    best_se[idx[lowest]] = se[lowest]
                 best[idx] = torch.minimum(best[idx], avg)
                 bad_checks[idx] = torch.where(improved, torch.zeros_like(bad_checks[idx]), bad_checks[idx] + 1)
                 if per_point_lr:
@@ -260,12 +283,26 @@ def fit_local(
                 if num_new > 0:
                     fresh = torch.arange(next_point, next_point + num_new, device=device)
                     active = torch.cat([active, fresh])
+                    fresh_points = True
                     next_point += num_new
                 f_act, m_act, v_act, x_act = flat[active], m_all[active], v_all[active], x[active]
             if report is not None:
                 steps_done += n
                 report(steps_done, steps_total)
 
+        # A fit whose last check is far worse than its best check, or than its start, has left its
+        # optimum: it falls back to the better of the two and does not count as converged.
+        last = -trace[(num_checks - 1).clamp_min(0), torch.arange(num_points, device=device)]
+        from_start = start_loss < best
+        ref = torch.where(from_start, start_loss, best)
+        margin = COLLAPSE_NATS + 5.0 * torch.where(from_start, torch.zeros_like(best_se), best_se)
+        collapsed = (num_checks > 0) & ~failed & (last > ref + margin)
+        if bool(collapsed.any()):
+            flat[collapsed] = torch.where(from_start[:, None], start_flat, best_flat)[collapsed]
+            converged &= ~collapsed
+            logger.warning("fit_local: %d of %d datapoints collapsed (their last check up to %.3g nats below "
+                           "their best or their start); their q* is taken there; a smaller learning rate avoids it",
+                           int(collapsed.sum()), num_points, float((last - ref)[collapsed].max()))
         params = unflatten(flat, slice(None))
         q_star = fam.posterior({k: v.detach() for k, v in params.items()}, num_points)
     # The final estimate draws from its own stream, seeded from ``seed`` alone: two fits of the same
@@ -287,4 +324,4 @@ def fit_local(
         steps=torch.arange(1, used + 1, device=device) * check_every,
         elbo=trace[:used],
     )
-    return LocalFit(value, stderr, q_star, q_star.params, steps, converged, finite, fit_trace)
+    return LocalFit(value, stderr, q_star, q_star.params, steps, converged, finite, fit_trace, collapsed)

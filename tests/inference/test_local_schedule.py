@@ -3,6 +3,8 @@
 import torch
 
 from gapbench.inference import fit_local
+from gapbench.inference.local import COLLAPSE_NATS
+from gapbench.models.posterior import DiagonalGaussian
 from tests.inference.test_local import FAST, closed_form_elbo
 
 
@@ -50,3 +52,43 @@ def test_a_tiny_decay_freezes_a_fit_after_its_first_plateau(linear_gaussian, lg_
     for key in ("mean", "log_var"):
         scale = short.params[key].abs().max().item() + 1.0
         assert (long.params[key] - short.params[key]).abs().max() <= 4 * torch.finfo(torch.float32).eps * scale
+
+
+def test_a_collapsed_fit_keeps_its_best_check_and_is_not_converged(linear_gaussian, lg_data):
+    """Started at the exact optimal FFG with a step size far too large (3.0, no decay), every fit's
+    first check (window of one step, at the start) is its best and each later step leaves the optimum
+    by nats: the fit is flagged collapsed, not converged, and its q* is its best check's parameters
+    -- the start, so its L[q*] is the optimal FFG's, exactly computed. Without the fallback q* would
+    be the last, far-off parameters."""
+    mean, log_var = linear_gaussian.optimal_ffg(lg_data)
+    start = DiagonalGaussian(2).posterior({"mean": mean, "log_var": log_var}, lg_data.shape[0])
+    kwargs = dict(lr=3.0, num_samples=200, check_every=1, patience=3, max_steps=100, num_final_samples=100)
+    fit = fit_local(linear_gaussian, lg_data, "ffg", init=start, seed=0, **kwargs)
+    assert fit.collapsed.all() and not fit.converged.any() and fit.finite.all()
+    assert (fit.num_steps == 4).all()
+    best = closed_form_elbo(linear_gaussian, lg_data, {"mean": mean, "log_var": log_var})
+    got = closed_form_elbo(linear_gaussian, lg_data, fit.params)
+    tol = 8 * torch.finfo(torch.float64).eps * best.abs().max().item()
+    assert ((got - best).abs() <= tol).all()
+    # Its last check was more than COLLAPSE_NATS worse than its first (what flagged it).
+    assert (fit.trace.elbo[0] - fit.trace.elbo[3] > COLLAPSE_NATS).all()
+
+
+def test_healthy_fits_never_collapse(linear_gaussian, lg_data):
+    """A fit at sensible settings ends within the noise of its best check: none is flagged."""
+    for kwargs in (FAST, {**FAST, "lr_decay": 0.5, "improvement_se": 1.0}):
+        fit = fit_local(linear_gaussian, lg_data, "ffg", seed=4, **kwargs)
+        assert not fit.collapsed.any() and fit.converged.all()
+
+
+def test_a_fit_that_blows_up_in_its_first_window_falls_back_to_its_start(linear_gaussian, lg_data):
+    """A 5-step window from the optimum at a step size of 3.0 averages four far-off steps (tens of
+    nats worse), so its only check is no optimum; the start, whose first-step loss is lower, is:
+    q* is the start exactly, and the fit is flagged collapsed, not converged."""
+    mean, log_var = linear_gaussian.optimal_ffg(lg_data)
+    start = DiagonalGaussian(2).posterior({"mean": mean, "log_var": log_var}, lg_data.shape[0])
+    kwargs = dict(lr=3.0, num_samples=200, check_every=5, patience=3, max_steps=5, num_final_samples=100)
+    fit = fit_local(linear_gaussian, lg_data, "ffg", init=start, seed=0, **kwargs)
+    assert fit.collapsed.all() and not fit.converged.any()
+    for key, value in (("mean", mean), ("log_var", log_var)):
+        assert torch.equal(fit.params[key], value.to(fit.params[key].dtype))
