@@ -115,7 +115,12 @@ def test_paired_difference_is_the_mean_and_se_of_per_point_differences(runs):
     # pairing matters: the unpaired SE of the difference of the two columns' means is far larger
     unpaired = math.hypot(_cell(frame, "amortization_gap", "svi")["se"], _cell(frame, "amortization_gap", "vae")["se"])
     assert cell["se"] < unpaired / 10
-    for quantity in ("delta_amortization_gap", "delta_inference_gap"):
+    # log p̂(x) is paired the same way
+    ll = (svi["log_px"] - base["log_px"][at])[svi["finite"]]
+    cell = _cell(frame, "delta_log_px", "svi")
+    assert abs(cell["mean"] - ll.mean()) < 2e-6 and abs(cell["se"] - ll.std(ddof=1) / math.sqrt(ll.size)) < 2e-6
+    assert cell["label"] == "Δ log p̂(x) vs vae"
+    for quantity in ("delta_log_px", "delta_amortization_gap", "delta_inference_gap"):
         assert _cell(frame, quantity, "vae")["text"] == "—"
         assert pd.isna(_cell(frame, quantity, "vae")["mean"])
 

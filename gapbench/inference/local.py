@@ -64,8 +64,8 @@ class LocalFit:
 
 #: A fit has collapsed when its last check's average loss is worse than its best check's by more
 #: than this many nats plus 5 of that best average's standard errors (or worse than the loss of its
-#: first step, at its start, by this many nats): far beyond the Monte Carlo noise of a window, so
-#: only a fit that left its optimum (a step size too large) is caught.
+#: first step, at its start, by as much, counted in that loss's standard errors): far beyond the
+#: Monte Carlo noise, so only a fit that left its optimum (a step size too large) is caught.
 COLLAPSE_NATS = 1.0
 
 
@@ -194,10 +194,12 @@ def fit_local(
         best = torch.full((num_points,), float("inf"), dtype=torch.float64, device=device)
         # What a collapsed fit falls back to: each datapoint's parameters at its lowest check average
         # (those of the window's last step) with that average's standard error, and its start with the
-        # loss of its first step (a fit may blow up within its first window).
+        # loss of its first step and that loss's standard error (a fit may blow up within its first window).
         best_flat, start_flat = flat.clone(), flat.clone()
         best_se = torch.zeros(num_points, dtype=torch.float64, device=device)
         start_loss = torch.full((num_points,), float("inf"), dtype=torch.float64, device=device)
+        start_se = torch.zeros(num_points, dtype=torch.float64, device=device)
+        inf = float("inf")
         fresh_points = True  # some active datapoint is at its first step
         bad_checks = torch.zeros(num_points, dtype=torch.long, device=device)
         num_checks = torch.zeros(num_points, dtype=torch.long, device=device)
@@ -222,7 +224,8 @@ def fit_local(
             n = active.numel()
             leaf = f_act.requires_grad_(True)
             z, log_q = sample(unflatten(leaf, active), num_samples, n)  # [S, n, D], [S, n]
-            loss = -(joint(x_act, z) - log_q).mean(0)  # [n]
+            elbos = joint(x_act, z) - log_q  # [S, n]
+            loss = -elbos.mean(0)  # [n]
             (grad,) = torch.autograd.grad(loss.sum(), [leaf], allow_unused=True)
             grad = torch.zeros_like(f_act) if grad is None else grad  # [n, P]
             loss = loss.detach()
@@ -241,6 +244,9 @@ def fit_local(
             if fresh_points:
                 first = ok & (t == 1)
                 start_loss[active[first]] = loss[first].double()
+                # Its standard error, from the spread of the step's samples (none from a single sample).
+                spread = elbos.detach().double().std(0) / num_samples**0.5 if num_samples > 1 else loss.double() + inf
+                start_se[active[first]] = spread[first]
                 fresh_points = False
             kept = torch.where(ok, loss.double(), torch.zeros_like(loss, dtype=torch.float64))
             window[active] += kept
@@ -295,7 +301,7 @@ def fit_local(
         last = -trace[(num_checks - 1).clamp_min(0), torch.arange(num_points, device=device)]
         from_start = start_loss < best
         ref = torch.where(from_start, start_loss, best)
-        margin = COLLAPSE_NATS + 5.0 * torch.where(from_start, torch.zeros_like(best_se), best_se)
+        margin = COLLAPSE_NATS + 5.0 * torch.where(from_start, start_se, best_se)
         collapsed = (num_checks > 0) & ~failed & (last > ref + margin)
         if bool(collapsed.any()):
             flat[collapsed] = torch.where(from_start[:, None], start_flat, best_flat)[collapsed]
