@@ -409,10 +409,24 @@ def _generalization_cell(r: RunGaps):
 
 def per_class_tables(runs: Sequence[RunGaps]) -> List[Tuple[RunGaps, pd.DataFrame]]:
     """Gaps per class label of the runs that asked for per_class and whose gaps table has labels."""
+    from gapbench.data.registry import class_name
     from gapbench.diagnostics import gaps_by_class
 
-    return [(r, gaps_by_class(r.points, r.points["label"])) for r in runs
-            if asked(r.summary, "per_class") and "label" in r.points]
+    out = []
+    for r in runs:
+        if asked(r.summary, "per_class") and "label" in r.points:
+            table = gaps_by_class(r.points, r.points["label"])
+            names = [class_name(r.summary.get("dataset"), int(label)) for label in table.index]
+            if any(names):
+                table.insert(0, "name", names)
+            out.append((r, table))
+    return out
+
+
+def class_text(label, row) -> str:
+    """A per-class table's first cell: '0 (T-shirt/top)', or the label alone."""
+    name = row.get("name", "") if hasattr(row, "get") else ""
+    return f"{label} ({name})" if isinstance(name, str) and name else str(label)
 
 
 def diagnostics_markdown(runs: Sequence[RunGaps], rows, per_class) -> str:
@@ -433,7 +447,7 @@ def diagnostics_markdown(runs: Sequence[RunGaps], rows, per_class) -> str:
                   "|---:|---:|" + "---:|" * len(gaps)]
         for label, row in table.iterrows():
             cells = [_cell(row[f"{g}_mean"], row[f"{g}_se"]) for g in gaps]
-            lines.append(f"| {label} | {int(row['count'])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {class_text(label, row)} | {int(row['count'])} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -194,7 +194,7 @@ def _gaps_table(runs, frame: pd.DataFrame) -> str:
 
 
 def _diagnostics_section(runs) -> str:
-    from gapbench.report import DIAGNOSTIC_NOTES, _cell, _in_tables, diagnostic_rows, per_class_tables
+    from gapbench.report import DIAGNOSTIC_NOTES, _cell, _in_tables, diagnostic_rows, class_text, per_class_tables
 
     parts = []
     rows = diagnostic_rows(runs)
@@ -205,7 +205,8 @@ def _diagnostics_section(runs) -> str:
         parts.append(_notes([DIAGNOSTIC_NOTES[key] for key, *_ in rows if key in DIAGNOSTIC_NOTES]))
     for i, (r, table) in enumerate(per_class_tables(runs)):
         gaps = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
-        body = [_Row(str(label), [str(int(row["count"]))] + [_cell(row[f"{g}_mean"], row[f"{g}_se"]) for g in gaps])
+        body = [_Row(class_text(label, row), [str(int(row["count"]))]
+                     + [_cell(row[f"{g}_mean"], row[f"{g}_se"]) for g in gaps])
                 for label, row in table.iterrows()]
         parts.append(f'<h3 id="per-class-{i}">Gaps per class: {_e(r.label)}</h3>')
         parts.append(_table(f"per-class-table-{i}", ["class", "datapoints"]

@@ -264,3 +264,29 @@ def test_encoder_generalization_needs_equal_counts():
         encoder_generalization(train, train.iloc[:2])
     with pytest.raises(GapbenchError, match="held-out gaps table has no column 'amortization_gap'"):
         encoder_generalization(train, train.drop(columns="amortization_gap"))
+
+
+def test_per_class_tables_name_fashion_mnist_and_cifar_classes():
+    """Labels of datasets whose classes have names get them beside the label; digits' labels are their names."""
+    from types import SimpleNamespace
+
+    from gapbench.data.registry import class_name
+    from gapbench.report import class_text, diagnostics_markdown, per_class_tables
+
+    assert class_name("fashion-mnist", 0) == "T-shirt/top" and class_name("fashion-mnist", 9) == "Ankle boot"
+    assert class_name("cifar10", 3) == "cat"
+    assert class_name("digits", 3) == "" and class_name("mnist", 3) == "" and class_name(None, 3) == ""
+    assert class_name("fashion-mnist", 10) == ""  # no such class: no name, no error
+    points = pd.DataFrame({"label": [0, 0, 9, 9], "amortization_gap": [1.0, 2.0, 3.0, 5.0],
+                           "approximation_gap": [0.5, 0.5, 1.0, 1.0], "finite": [True] * 4})
+    points["inference_gap"] = points["amortization_gap"] + points["approximation_gap"]
+    settings = {"diagnostics": ["per_class"]}
+    fashion = SimpleNamespace(label="f", points=points, summary={"dataset": "fashion-mnist", "settings": settings})
+    digits = SimpleNamespace(label="d", points=points, summary={"dataset": "digits", "settings": settings})
+    (_, ft), (_, dt) = per_class_tables([fashion, digits])
+    assert ft["name"].tolist() == ["T-shirt/top", "Ankle boot"] and "name" not in dt
+    assert ft["amortization_gap_mean"].tolist() == [1.5, 4.0]
+    assert [class_text(label, row) for label, row in ft.iterrows()] == ["0 (T-shirt/top)", "9 (Ankle boot)"]
+    assert [class_text(label, row) for label, row in dt.iterrows()] == ["0", "9"]
+    md = diagnostics_markdown([fashion, digits], [], [(fashion, ft), (digits, dt)])
+    assert "| 9 (Ankle boot) | 2 |" in md and "| 9 | 2 |" in md

@@ -63,6 +63,14 @@ class DatasetSpec:
     system_dirs: Tuple[str, ...] = ()  # installed by an OS package
     apt_package: Optional[str] = None
     archive_dir: Optional[str] = None  # folder inside an archive download (CIFAR)
+    class_names: Tuple[str, ...] = ()  # by label, where the labels name something other than themselves
+
+
+def class_name(dataset: Optional[str], label: int) -> str:
+    """'T-shirt/top' for Fashion-MNIST's label 0; '' where the dataset's labels are their own names."""
+    spec = SPECS.get(dataset) if isinstance(dataset, str) else None
+    names = spec.class_names if spec is not None else ()
+    return names[label] if 0 <= label < len(names) else ""
 
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -141,6 +149,8 @@ SPECS: Dict[str, DatasetSpec] = {
         torchvision_dir="FashionMNIST",
         system_dirs=("/usr/share/datasets/fashion-mnist",),
         apt_package="dataset-fashion-mnist",
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"),
     ),
     "cifar10": DatasetSpec(
         "cifar10", (3, 32, 32), num_train=50_000, num_test=10_000, num_valid=5_000, num_classes=10,
@@ -154,6 +164,7 @@ SPECS: Dict[str, DatasetSpec] = {
         ),
         mirrors=("https://www.cs.toronto.edu/~kriz/",),
         archive_dir="cifar-10-batches-py",
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     ),
     "omniglot": DatasetSpec(
         "omniglot", (1, 28, 28), num_train=24_345, num_test=8_070, num_valid=2_000, num_classes=50,
