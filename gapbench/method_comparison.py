@@ -365,6 +365,7 @@ def amortization_vs_cost(runs: Sequence[MethodRun]):
     """Amortization gap (mean ± SE) against training seconds per epoch; hollow: what remains after refinement."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     placed = sorted((seconds_per_epoch(r)["mean"], i) for i, r in enumerate(runs) if seconds_per_epoch(r) is not None)
@@ -380,6 +381,10 @@ def amortization_vs_cost(runs: Sequence[MethodRun]):
             ax.errorbar([cost], [rem], yerr=[rem_se], fmt="o", mfc="none", color=f"C{i}", capsize=3)
             ax.plot([cost] * 2, [mean, rem], color=f"C{i}", linestyle=":", linewidth=1)
     ax.set_xscale("log")
+    # Plain numbers at 1, 2 and 5 of each decade instead of powers of ten, no unlabelled minor ticks.
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.12)  # room for the labels of the outermost points
     ax.set_xlabel("training seconds per epoch (median, log scale)")
     ax.set_ylabel("amortization gap  L[q*] − L[q] (nats)")
