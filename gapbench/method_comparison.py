@@ -326,6 +326,24 @@ def _stat(run: MethodRun, key: str) -> Tuple[float, float]:
     return s["mean"], (math.nan if s["se"] is None else s["se"])
 
 
+#: A figure's value axis stops short of a method whose value is this many times the median of all of
+#: them (e.g. a SA-VAE whose amortized q is hundreds of nats from its posteriors), so that the other
+#: methods stay readable; the clipped values are written at the axis' edge.
+OUTLIER_FACTOR = 4.0
+
+
+def _clip_limit(values: Sequence[float]) -> Optional[float]:
+    """The top of an axis for nonnegative ``values`` that leaves out the outliers (None: show them all)."""
+    finite = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    if finite.size < 3:
+        return None
+    med = float(np.median(finite))
+    kept = finite[finite <= OUTLIER_FACTOR * max(med, 1e-12)]
+    if kept.size == finite.size or kept.size == 0:
+        return None
+    return 1.3 * float(kept.max())
+
+
 def gaps_by_method(runs: Sequence[MethodRun]):
     """Approximation and amortization gap stacked per method; a refining method's amortization bar splits into
     the part its test-time refinement closes and the part that remains. Whiskers: the inference gap's SE."""
@@ -350,12 +368,20 @@ def gaps_by_method(runs: Sequence[MethodRun]):
                hatch="//", edgecolor=figures.AMORT_COLOR, label="closed by test-time refinement  L[q_refined] − L[q]")
     total = approx + amort
     ax.errorbar(x, total, yerr=total_se, fmt="none", ecolor="black", capsize=3, linewidth=1)
+    top = _clip_limit(total)
     for xi, t in zip(x, total):
-        ax.annotate(f"{t:.2f}", (xi, t), textcoords="offset points", xytext=(7, 2), ha="left", fontsize=7)
+        if top is not None and t > top:  # clipped: its value at the top edge
+            ax.annotate(f"{t:.1f} ↑", (xi, top), textcoords="offset points", xytext=(0, -12), ha="center",
+                        fontsize=7, fontweight="bold")
+        else:
+            ax.annotate(f"{t:.2f}", (xi, t), textcoords="offset points", xytext=(7, 2), ha="left", fontsize=7)
+    if top is not None:
+        ax.set_ylim(top=top)
     ax.set_xticks(x)
     ax.set_xticklabels([r.label for r in runs], rotation=25, ha="right")
     ax.set_ylabel("gap (nats)")
-    ax.set_title("Inference gap per training method\n(whiskers: SE of the inference gap)", fontsize=10)
+    ax.set_title("Inference gap per training method\n(whiskers: SE of the inference gap"
+                 + ("; ↑ bars cut at the top, their value written)" if top is not None else ")"), fontsize=10)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     return fig
@@ -369,17 +395,26 @@ def amortization_vs_cost(runs: Sequence[MethodRun]):
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     placed = sorted((seconds_per_epoch(r)["mean"], i) for i, r in enumerate(runs) if seconds_per_epoch(r) is not None)
+    top = _clip_limit([_stat(runs[i], "amortization_gap")[0] for _, i in placed])
     for rank, (cost, i) in enumerate(placed):
         r = runs[i]
         mean, se = _stat(r, "amortization_gap")
-        ax.errorbar([cost], [mean], yerr=[se], fmt="o", color=f"C{i}", capsize=3)
-        # neighbours along x take turns above and below their point, so close labels do not overlap
-        ax.annotate(r.label, (cost, mean), textcoords="offset points", xytext=(5, 5 if rank % 2 == 0 else -11),
-                    fontsize=8, color=f"C{i}")
+        if top is not None and mean > top:  # clipped: a marker at the top edge with its value
+            ax.plot([cost], [top], marker="^", color=f"C{i}", clip_on=False)
+            ax.annotate(f"{r.label} {mean:.1f} ↑", (cost, top), textcoords="offset points", xytext=(5, -12),
+                        fontsize=8, color=f"C{i}")
+        else:
+            ax.errorbar([cost], [mean], yerr=[se], fmt="o", color=f"C{i}", capsize=3)
+            # neighbours along x take turns above and below their point, so close labels do not overlap
+            ax.annotate(r.label, (cost, mean), textcoords="offset points", xytext=(5, 5 if rank % 2 == 0 else -11),
+                        fontsize=8, color=f"C{i}")
         rem, rem_se = _stat(r, "remaining_amortization_gap")
         if not math.isnan(rem):
             ax.errorbar([cost], [rem], yerr=[rem_se], fmt="o", mfc="none", color=f"C{i}", capsize=3)
-            ax.plot([cost] * 2, [mean, rem], color=f"C{i}", linestyle=":", linewidth=1)
+            ax.plot([cost] * 2, [min(mean, top) if top is not None else mean, rem], color=f"C{i}", linestyle=":",
+                    linewidth=1)
+    if top is not None:
+        ax.set_ylim(top=top)
     ax.set_xscale("log")
     # Plain numbers at 1, 2 and 5 of each decade instead of powers of ten, no unlabelled minor ticks.
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -402,11 +437,22 @@ def validation_curves(runs: Sequence[MethodRun]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, r in enumerate(runs):
-        if r.train_log is None or "valid_elbo" not in r.train_log:
-            continue
-        log = r.train_log.dropna(subset=["valid_elbo"])
-        ax.plot(log["epoch"], log["valid_elbo"], color=f"C{i}", linewidth=1.3, label=r.label)
+    logs = {i: r.train_log.dropna(subset=["valid_elbo"]) for i, r in enumerate(runs)
+            if r.train_log is not None and "valid_elbo" in r.train_log}
+    logs = {i: log for i, log in logs.items() if len(log)}
+    # A method whose last validation bound is far below the best method's (OUTLIER_FACTOR times the median
+    # distance) leaves the plot at its bottom, so the others stay readable.
+    finals = {i: float(log["valid_elbo"].iloc[-1]) for i, log in logs.items()}
+    best = max(finals.values(), default=math.nan)
+    limit = _clip_limit([best - f for f in finals.values()])
+    below = {i for i, f in finals.items() if limit is not None and best - f > limit}
+    for i, log in logs.items():
+        label = runs[i].label + (f" (ends at {finals[i]:.1f}, below the plot)" if i in below else "")
+        ax.plot(log["epoch"], log["valid_elbo"], color=f"C{i}", linewidth=1.3, label=label)
+    if below:
+        kept = [float(log["valid_elbo"].min()) for i, log in logs.items() if i not in below]
+        span = best - min(kept)
+        ax.set_ylim(bottom=min(kept) - 0.05 * span, top=best + 0.05 * span)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation ELBO of the amortized q (nats)")
     ax.set_title("Validation bound over training", fontsize=10)

@@ -232,3 +232,40 @@ def test_committed_digits_runs_make_a_nine_column_table():
         assert abs(cell["mean"] - (r.summary["stats"]["amortization_gap"]["mean"] - vae)) < 2e-6
     assert not wide.loc["L[q_refined]"].eq("—").all()
     assert "refined" in _cell(frame, "inference_ms_per_point", "svi")["note"]
+
+
+def test_an_outlying_method_is_cut_at_the_axis_edge_with_its_value(tmp_path):
+    """A method whose amortization gap is 100x the others' (a SA-VAE's amortized q) would flatten the other
+    bars: the gaps and cost figures stop their value axis short of it and write its value at the edge, and
+    the validation curves leave a curve that ends far below the others out of their range, saying so."""
+    import matplotlib.pyplot as plt
+
+    from gapbench.method_comparison import (
+        _clip_limit, amortization_vs_cost, gaps_by_method, load_method_runs, validation_curves)
+
+    assert _clip_limit([1.0, 1.2, 0.9, 1.1]) is None  # nothing to cut
+    assert _clip_limit([1.0, 1.2, 100.0]) == pytest.approx(1.3 * 1.2)
+    rng = np.random.default_rng(1)
+    base = vae_points(rng)
+    dirs = [make_run(tmp_path, "run_vae", "vae", base, [1.0, 1.0], {"amortized": 1.0}),
+            make_run(tmp_path, "run_air", "air", method_points(base, rng, shift=0.2), [1.0, 1.0], {"amortized": 1.0}),
+            make_run(tmp_path, "run_savae", "savae", method_points(base, rng, shift=300.0), [9.0, 9.0],
+                     {"amortized": 1.0})]
+    log = pd.read_csv(dirs[2] / "train_log.csv")
+    log["valid_elbo"] = log["valid_elbo"] - 500.0
+    log.to_csv(dirs[2] / "train_log.csv", index=False)
+    runs = load_method_runs(dirs, "test")
+    totals = [r.summary["stats"]["inference_gap"]["mean"] for r in runs]
+    for fig in (gaps_by_method(runs), amortization_vs_cost(runs)):
+        ax = fig.axes[0]
+        top = ax.get_ylim()[1]
+        assert max(totals[:2]) < top < totals[2] / 10
+        texts = [t.get_text() for t in ax.texts]
+        assert any("↑" in t for t in texts), texts
+        plt.close(fig)
+    fig = validation_curves(runs)
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert any(label.startswith("savae (ends at") for label in labels)
+    assert ax.get_ylim()[0] > -100  # the others' range, not savae's -480
+    plt.close(fig)
