@@ -445,14 +445,17 @@ def validation_curves(runs: Sequence[MethodRun]):
     finals = {i: float(log["valid_elbo"].iloc[-1]) for i, log in logs.items()}
     best = max(finals.values(), default=math.nan)
     limit = _clip_limit([best - f for f in finals.values()])
-    below = {i for i, f in finals.items() if limit is not None and best - f > limit}
-    for i, log in logs.items():
-        label = runs[i].label + (f" (ends at {finals[i]:.1f}, below the plot)" if i in below else "")
-        ax.plot(log["epoch"], log["valid_elbo"], color=f"C{i}", linewidth=1.3, label=label)
-    if below:
-        kept = [float(log["valid_elbo"].min()) for i, log in logs.items() if i not in below]
+    outliers = {i for i, f in finals.items() if limit is not None and best - f > limit}
+    bottom = None
+    if outliers:
+        kept = [float(log["valid_elbo"].min()) for i, log in logs.items() if i not in outliers]
         span = best - min(kept)
-        ax.set_ylim(bottom=min(kept) - 0.05 * span, top=best + 0.05 * span)
+        bottom = min(kept) - 0.05 * span
+        ax.set_ylim(bottom=bottom, top=best + 0.05 * span)
+    for i, log in logs.items():
+        below = bottom is not None and finals[i] < bottom
+        label = runs[i].label + (f" (ends at {finals[i]:.1f}, below the plot)" if below else "")
+        ax.plot(log["epoch"], log["valid_elbo"], color=f"C{i}", linewidth=1.3, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation ELBO of the amortized q (nats)")
     ax.set_title("Validation bound over training", fontsize=10)
