@@ -184,8 +184,12 @@ def training_curves(runs) -> "plt.Figure":
     objective where it differs (dashed: the KL-weighted or importance-weighted bound the method maximizes)
     and the validation ELBO (dots, at the epochs validated). Grey dotted lines mark kept epochs evaluated.
     """
+    from matplotlib.lines import Line2D
+
     logs = _training_logs(runs)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    # One legend of runs (colors) under the panels, however many runs, and one of line styles.
+    legend_rows = -(-len(logs) // 3)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8 + 0.22 * legend_rows))
     bounds, lr_ax, kl_ax = axes
     values = []
     for i, (label, log, epochs) in enumerate(logs):
@@ -225,11 +229,16 @@ def training_curves(runs) -> "plt.Figure":
     kl_ax.set_ylabel("KL weight β (at the epoch's last batch)")
     kl_ax.set_ylim(-0.05, 1.05)
     kl_ax.set_title("KL weight (warm-up)", fontsize=9)
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
+    styles = [Line2D([], [], color="gray", linewidth=1.5, label="train ELBO"),
+              Line2D([], [], color="gray", linestyle="--", linewidth=1, label="train objective"),
+              Line2D([], [], color="gray", linestyle=":", marker="o", markersize=3, label="valid ELBO")]
+    bounds.legend(handles=styles, fontsize=7, loc="lower right")
+    if logs:
+        fig.legend(handles=[Line2D([], [], color=f"C{i}", linewidth=1.5, label=label)
+                            for i, (label, _, _) in enumerate(logs)],
+                   loc="lower center", ncol=min(3, len(logs)), fontsize=7, frameon=False)
     fig.suptitle("Training curves (train_log.csv)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / (3.8 + 0.22 * legend_rows), 1, 1))
     return fig
 
 
