@@ -35,10 +35,11 @@ def gaps_stacked(runs) -> "plt.Figure":
     ax.set_xticks(x)
     ax.set_xticklabels([r.label for r in runs], rotation=20, ha="right")
     ax.set_ylabel("gap (nats)")
-    ax.set_title("Inference gap =\napproximation + amortization", fontsize=10)
+    ax.set_title("Inference gap = approximation + amortization", fontsize=10, pad=24)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_ylim(top=max(1e-9, float(np.nanmax(approx + amort))) * 1.15)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
+    # Above the axes: below them, long run labels (rotated) would run into it.
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     return fig
 
 
