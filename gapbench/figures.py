@@ -43,10 +43,26 @@ def gaps_stacked(runs) -> "plt.Figure":
     return fig
 
 
+#: Panels per row of the figures with a panel per run; more runs wrap onto further rows.
+PANELS_PER_ROW = 3
+
+
+def _panels(num: int, width: float, height: float):
+    """A figure with ``num`` panels of ``width`` x ``height`` inches, at most PANELS_PER_ROW a row, and its
+    first ``num`` axes in order (the grid's unused cells hidden)."""
+    cols = max(1, min(PANELS_PER_ROW, num))
+    rows = max(1, -(-num // cols))
+    fig, grid = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    cells = list(grid.flat)
+    for ax in cells[num:]:
+        ax.set_visible(False)
+    return fig, cells[:num]
+
+
 def gap_distributions(runs) -> "plt.Figure":
     """Per-datapoint histograms of the two gaps, one panel per run; negative values are real estimates."""
-    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.4), squeeze=False)
-    for ax, r in zip(axes[0], runs):
+    fig, axes = _panels(len(runs), 4, 3.4)
+    for ax, r in zip(axes, runs):
         df = r.points[r.points["finite"].astype(bool)]
         both = np.concatenate([df["approximation_gap"], df["amortization_gap"]])
         bins = np.histogram_bin_edges(both[np.isfinite(both)], bins=30)
@@ -68,8 +84,8 @@ def local_convergence(runs) -> "plt.Figure":
     Measured from each datapoint's own amortized ELBO, so curves of datapoints with very
     different log p(x) share one scale: the curve ends at that point's amortization gap.
     """
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], runs):
+    fig, axes = _panels(len(runs), 4.5, 3.6)
+    for ax, r in zip(axes, runs):
         traces = r.summary.get("traces", {})
         elbo_q = r.points["elbo_q"].to_numpy(dtype=float)
         for i, (stage, tr) in enumerate(sorted((k, v) for k, v in traces.items() if k.startswith("local_"))):
