@@ -425,7 +425,7 @@ def per_class_tables(runs: Sequence[RunGaps]) -> List[Tuple[RunGaps, pd.DataFram
 
 def class_text(label, row) -> str:
     """A per-class table's first cell: '0 (T-shirt/top)', or the label alone."""
-    name = row.get("name", "") if hasattr(row, "get") else ""
+    name = row.get("name", "")
     return f"{label} ({name})" if isinstance(name, str) and name else str(label)
 
 

@@ -55,7 +55,7 @@ class LocalFit:
     converged: Tensor
     finite: Tensor
     trace: FitTrace
-    collapsed: Optional[Tensor] = None
+    collapsed: Tensor
 
     @property
     def num_nonfinite(self) -> int:
@@ -198,8 +198,8 @@ def fit_local(
         best_flat, start_flat = flat.clone(), flat.clone()
         best_se = torch.zeros(num_points, dtype=torch.float64, device=device)
         start_loss = torch.full((num_points,), float("inf"), dtype=torch.float64, device=device)
-        start_se = torch.zeros(num_points, dtype=torch.float64, device=device)
-        inf = float("inf")
+        # (no standard error from a single sample: then the start never counts as the better one)
+        start_se = torch.full((num_points,), float("inf"), dtype=torch.float64, device=device)
         fresh_points = True  # some active datapoint is at its first step
         bad_checks = torch.zeros(num_points, dtype=torch.long, device=device)
         num_checks = torch.zeros(num_points, dtype=torch.long, device=device)
@@ -244,9 +244,8 @@ def fit_local(
             if fresh_points:
                 first = ok & (t == 1)
                 start_loss[active[first]] = loss[first].double()
-                # Its standard error, from the spread of the step's samples (none from a single sample).
-                spread = elbos.detach().double().std(0) / num_samples**0.5 if num_samples > 1 else loss.double() + inf
-                start_se[active[first]] = spread[first]
+                if num_samples > 1:  # its standard error, from the spread of the step's samples
+                    start_se[active[first]] = (elbos.detach().double().std(0) / num_samples**0.5)[first]
                 fresh_points = False
             kept = torch.where(ok, loss.double(), torch.zeros_like(loss, dtype=torch.float64))
             window[active] += kept
