@@ -445,8 +445,10 @@ def _compute(plan: _Plan, workers: Workers, callback, group) -> None:
         claim = group.phase(f"claim-{stage}")  # every rank names it, in the same order
         if plan.part(stage, 0).exists() or not group.claim(claim):
             continue
-        needs = plan.part("local_ffg", 0) if stage == "ais_sweep" and "local_ffg" in plan.keys else None
-        while needs is not None and not needs.exists():  # batch 0's FFG fit, by the rank that owns it
+        # The sweep starts at batch 0's FFG fit and takes its longest run from batch 0's AIS, both
+        # by the rank that owns batch 0.
+        needs = [plan.part(s, 0) for s in ("local_ffg", "ais") if stage == "ais_sweep" and s in plan.keys]
+        while not all(p.exists() for p in needs):
             group.check()
             time.sleep(0.5)
         _run_units(plan, stage, [0], workers, callback, group, state)
@@ -477,7 +479,8 @@ def _run_units(plan: _Plan, stage: str, mine: List[int], workers: Workers, callb
         if stage == "ais_sweep":
             xb = x_all[plan.batches[0][:AIS_SWEEP_POINTS]].to(dev)
             init = _ais_start(cfg, model, xb, ffg_part)
-            result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress)}
+            full = _main_ais(part("ais", 0), xb.shape[0]) if "ais" in plan.keys else None
+            result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress, full)}
         elif stage == "diagnostics":
             xb = x_all[plan.idx].to(dev)  # every evaluated point: a spread over x, an aggregate posterior
             summaries, per_point = _diagnostics(model, xb, cfg, seed, progress)
@@ -716,15 +719,27 @@ def _fitted_ffg(model, ffg_part: Path, num_points: int, device):
     return DiagonalGaussian(model.latent_dim).posterior(params)
 
 
-def _ais_sweep(model, x, cfg, seed, init=None, progress_fn=None) -> Dict[str, torch.Tensor]:
+def _main_ais(ais_part: Path, num_points: int) -> Optional[torch.Tensor]:
+    """The evaluation's own AIS estimates [n] of the first ``num_points`` points of batch 0, or None
+    when that batch is not on disk (the sweep then runs the recipe's num_steps itself)."""
+    if not ais_part.exists():
+        return None
+    return load_batch(ais_part)["columns"]["ais"][:num_points].double()
+
+
+def _ais_sweep(model, x, cfg, seed, init=None, progress_fn=None, full=None) -> Dict[str, torch.Tensor]:
     """AIS log p̂(x) at a grid of num_steps on a few points: [len(grid)] steps and [len(grid), n] estimates.
 
-    ``progress_fn(done, total)`` counts transitions over the whole grid.
+    ``full``: the evaluation's own AIS estimates [n] of these points at the recipe's num_steps (the
+    grid's last entry), from its own chains: that run is then not repeated (it is half the grid's
+    transitions), and the sweep's last doubling compares two independent runs as before.
+    ``progress_fn(done, total)`` counts transitions over the runs the sweep makes.
     """
     grid = _sweep_grid(cfg.ais.num_steps)
-    total, values = sum(grid), []
-    for i, steps in enumerate(grid):
-        before = sum(grid[:i])
+    todo = grid[:-1] if full is not None else grid
+    total, values = sum(todo), []
+    for i, steps in enumerate(todo):
+        before = sum(todo[:i])
 
         def forward(done, of, before=before, steps=steps):
             if progress_fn is not None and of:
@@ -732,6 +747,8 @@ def _ais_sweep(model, x, cfg, seed, init=None, progress_fn=None) -> Dict[str, to
 
         res = run_ais(model, x, cfg, seed, num_steps=steps, init=init, progress_fn=forward)
         values.append(res.log_px.detach().double().cpu())
+    if full is not None:
+        values.append(full.cpu())
     return {"steps": torch.tensor(grid), "log_px": torch.stack(values)}
 
 

@@ -158,6 +158,21 @@ def test_ais_still_rising_is_measured_over_the_last_doubling_and_warned_about(ri
     assert "over the last doubling of steps (10 -> 20)" in out
 
 
+def test_the_sweep_takes_its_longest_run_from_the_evaluation_own_ais(rising):
+    """The sweep's run at the recipe's num_steps is the evaluation's AIS of batch 0's first points
+    (the same numbers, not a second run), and its shorter runs are its own."""
+    run, (code, _, err) = rising
+    assert code == 0, err
+    js = json.loads((run / "gaps" / "test.json").read_text())
+    sweep = js["traces"]["ais_sweep"]
+    log_px = np.array([[math.nan if v is None else v for v in point] for point in sweep["log_px"]])  # [n, G]
+    df = pd.read_csv(run / "gaps" / "test.csv")
+    main = df["ais"].to_numpy()[: log_px.shape[0]]
+    csv_resolution = 0.5e-6  # the CSV's values are written with 6 decimals
+    assert np.all(np.abs(log_px[:, -1] - main) <= csv_resolution)
+    assert np.all(np.abs(log_px[:, -2] - main) > csv_resolution)  # 10 steps: a run of its own
+
+
 def _resume_with_tolerance(rising, tmp_path, tolerance):
     run = tmp_path / "run"
     shutil.copytree(rising[0], run)
