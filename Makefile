@@ -20,7 +20,7 @@ FOLLOWUPS = encoder-capacity decoder-capacity train-vs-heldout gaps-over-trainin
 OVER_TRAINING_EPOCHS ?= 13 40 121 364 1093 3280
 OVER_TRAINING_EPOCHS_SMALL ?= 5 10 25 50
 
-.PHONY: help setup test test-fast quickstart bench bench-speed bench-evaluation gpu-check clean-runs reproduce-table2 \
+.PHONY: help setup test test-fast quickstart bench bench-speed bench-evaluation bench-before-after gpu-check clean-runs reproduce-table2 \
 	reproduce-table2-mnist reproduce-table2-fashion reproduce-table2-cifar10 \
 	reproduce-table2-small reproduce-table2-small-mnist reproduce-table2-small-fashion reproduce-table2-small-cifar10 \
 	reproduce-followups reproduce-followups-small reproduce-methods-digits reproduce-methods-small reproduce-methods \
@@ -33,6 +33,7 @@ help:
 	@echo "make quickstart  gapbench run recipes/quickstart.yaml"
 	@echo "make bench       speed and accuracy benchmarks: bench-speed (the estimators) and bench-evaluation"
 	@echo "make bench-evaluation   every evaluate-gaps stage of the CPU-budget Fashion-MNIST FFG model, against a 4x-budget reference"
+	@echo "make bench-before-after   evaluate-gaps of the commit before the fast evaluation against this checkout, side by side"
 	@echo "make gpu-check   one GPU, under 8 minutes: bench, compiled AIS, the paper's AIS settings -> results/gpu/<device>/"
 	@echo "                 (GPU_CHECK_ARGS=\"--data-dir DIR\" for Fashion-MNIST; \"--quick --device cpu\" for a CPU smoke run)"
 	@echo "make reproduce-table2   Cremer et al. 2018 Table 2 at the paper's settings (GPU-days; needs mnist, fashion-mnist, cifar10)"
@@ -68,6 +69,14 @@ bench-speed:
 # fits of before the fast procedure (about 15 minutes more); EVAL_BENCH_ARGS="--run DIR --points 8" etc.
 bench-evaluation:
 	$(PYTHON) benchmarks/evaluation.py --before $(EVAL_BENCH_ARGS)
+
+# The code of before the fast evaluation (BEFORE: the commit the work began from) against this checkout,
+# on the same run (BA_RUN, trained by bench-evaluation) and points, both at once, one thread each: every
+# stage's seconds, the local fits' steps, and the estimates side by side; BA_ARGS="--points 100" etc.
+BEFORE ?= ec25fb7
+BA_RUN ?= runs/bench/fashion_ffg_50ep
+bench-before-after:
+	$(PYTHON) benchmarks/before_after.py --run $(BA_RUN) --before $(BEFORE) $(BA_ARGS)
 
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
