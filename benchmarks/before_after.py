@@ -99,9 +99,15 @@ def _csv(run: Path, split: str):
     return pd.read_csv(run / "gaps" / f"{split}.csv")
 
 
-def stage_table(before: Dict, after: Dict, walls) -> str:
+def stage_table(before: Dict, after: Dict, walls, after_ranks: int = 1) -> str:
+    """Per stage and in all, with speedups; with ``after_ranks`` > 1 the after side's stage seconds add up
+    its ranks' time, so only the whole command's wall times are compared."""
     lines = ["| stage | seconds, before | seconds, after | speedup | mean steps | stopped by the rule |",
              "|---|---:|---:|---:|---:|---:|"]
+
+    def ratio(b: float, a: float) -> str:
+        return f"{b / a:.1f}x" if after_ranks == 1 else ""
+
     conv_b = before.get("convergence", {}).get("local", {})
     conv_a = after.get("convergence", {}).get("local", {})
     for key, label in STAGES:
@@ -114,9 +120,10 @@ def stage_table(before: Dict, after: Dict, walls) -> str:
             fb, fa = conv_b[family], conv_a[family]
             steps = f"{fb['mean_steps']:,.0f} → {fa['mean_steps']:,.0f}"
             conv = f"{fb['converged']}/{fb['num_points']} → {fa['converged']}/{fa['num_points']}"
-        lines.append(f"| {label} | {b:,.1f} | {a:,.1f} | {b / a:.1f}x | {steps} | {conv} |")
+        lines.append(f"| {label} | {b:,.1f} | {a:,.1f} | {ratio(b, a)} | {steps} | {conv} |")
     sb, sa = sum(before["stage_seconds"].values()), sum(after["stage_seconds"].values())
-    lines.append(f"| **all stages** | **{sb:,.1f}** | **{sa:,.1f}** | **{sb / sa:.1f}x** | | |")
+    total = f"**{ratio(sb, sa)}**" if after_ranks == 1 else ""
+    lines.append(f"| **all stages** | **{sb:,.1f}** | **{sa:,.1f}** | {total} | | |")
     lines.append(f"| **evaluate-gaps, wall** | **{walls[0]:,.1f}** | **{walls[1]:,.1f}** | "
                  f"**{walls[0] / walls[1]:.1f}x** | | |")
     return "\n".join(lines)
@@ -197,7 +204,7 @@ def main(argv=None) -> None:
                 _fail(f"the {('before', 'after')[i]} evaluation failed (exit {p.returncode}); "
                          f"see {work / ('before.log', 'after.log')[i]}")
         before, after = _summary(work / "before_run", args.split), _summary(work / "after_run", args.split)
-        print(stage_table(before, after, walls))
+        print(stage_table(before, after, walls, args.after_ranks))
         if args.after_ranks > 1:
             print(f"(after: each stage's seconds add up its {args.after_ranks} ranks' time; the wall is the command's)")
         print()
