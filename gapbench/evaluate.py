@@ -479,7 +479,7 @@ def _run_units(plan: _Plan, stage: str, mine: List[int], workers: Workers, callb
         if stage == "ais_sweep":
             xb = x_all[plan.batches[0][:AIS_SWEEP_POINTS]].to(dev)
             init = _ais_start(cfg, model, xb, ffg_part)
-            full = _main_ais(part("ais", 0), xb.shape[0]) if "ais" in plan.keys else None
+            full = _main_ais(part("ais", 0), xb.shape[0])
             result = {"columns": {}, "traces": _ais_sweep(model, xb, cfg, seed, init, progress, full)}
         elif stage == "diagnostics":
             xb = x_all[plan.idx].to(dev)  # every evaluated point: a spread over x, an aggregate posterior
@@ -692,6 +692,12 @@ def _sweep_grid(num_steps: int) -> List[int]:
     return sorted({max(2, int(round(num_steps * f))) for f in AIS_SWEEP_FRACTIONS})
 
 
+def _sweep_runs(num_steps: int) -> List[int]:
+    """The AIS runs the sweep makes itself: its grid but the last entry, the recipe's num_steps, which
+    is the evaluation's own AIS of the same points."""
+    return _sweep_grid(num_steps)[:-1]
+
+
 def _local_start(where: str, model, x, ffg_part: Optional[Path]):
     """The posterior a local fit starts from: None (prior), the encoder's q, or this batch's FFG q*."""
     if where == "prior":
@@ -736,7 +742,7 @@ def _ais_sweep(model, x, cfg, seed, init=None, progress_fn=None, full=None) -> D
     ``progress_fn(done, total)`` counts transitions over the runs the sweep makes.
     """
     grid = _sweep_grid(cfg.ais.num_steps)
-    todo = grid[:-1] if full is not None else grid
+    todo = _sweep_runs(cfg.ais.num_steps) if full is not None else grid
     total, values = sum(todo), []
     for i, steps in enumerate(todo):
         before = sum(todo[:i])

@@ -512,7 +512,7 @@ def _training(recipe, inputs, stand_in, model, dev, timer: _Timer, epochs_done: 
 
 def _evaluation(recipe, inputs, stand_in, model, dev, timer: _Timer, eval_reuse, notes) -> List[StageEstimate]:
     """Each evaluation stage, timed on one batch at the recipe's settings."""
-    from gapbench.evaluate import AIS_SWEEP_POINTS, _label, _model_diagnostics, _sweep_grid
+    from gapbench.evaluate import AIS_SWEEP_POINTS, _label, _model_diagnostics, _sweep_runs
     from gapbench.gaps import stage_names
     from gapbench.methods import get_method, method_name
 
@@ -556,7 +556,7 @@ def _evaluation(recipe, inputs, stand_in, model, dev, timer: _Timer, eval_reuse,
                 work = _work(stage, cfg, sizes)
             else:
                 m = min(AIS_SWEEP_POINTS, n)
-                grid = _sweep_grid(cfg.ais.num_steps)[:-1]  # the longest run is the evaluation's own AIS
+                grid = _sweep_runs(cfg.ais.num_steps)
                 seconds = ais_cost(m) * sum(grid)
                 work = f"{m} points x {', '.join(f'{g:,}' for g in grid)} steps"
         else:  # diagnostics
