@@ -129,6 +129,22 @@ def log_joint_in_z(model):
     return lambda x, z: _MLPLogJoint.apply(z, flat_data(x, dtype), layers, activation)
 
 
+def point_major_joint(model):
+    """(x [N, ...], z [N, S, D]) -> (log p(x, z) [N, S], its gradient in z [N, S, D]), no graph kept:
+    :func:`log_joint_and_grad` for point-major samples (each datapoint's S samples contiguous), the
+    layout of a local flow fit's hand-derived gradient (``AuxiliaryFlow.path_elbo_and_grad``)."""
+    spec = mlp_decoder(model)
+    if spec is None:
+        def joint(x, z):
+            value, grad = _autograd_log_joint_and_grad(model, x, z.transpose(0, 1))
+            return value.transpose(0, 1), grad.transpose(0, 1)
+        return joint
+    layers, activation = spec
+    dtype = layers[-1][0].dtype
+    # The MLP's arithmetic is row-wise: point-major z [N, S, D] runs as it is, x broadcast over S.
+    return lambda x, z: mlp_log_joint_and_grad(layers, activation, flat_data(x, dtype).unsqueeze(1), z)
+
+
 def _autograd_log_joint_and_grad(model, x: Tensor, z: Tensor, need_value: bool = True) -> Tuple[Tensor, Tensor]:
     return value_and_grad(partial(log_joint, model, x), z)
 
@@ -138,7 +154,8 @@ def mlp_log_joint_and_grad(
 ) -> Tuple[Optional[Tensor], Tensor]:
     """:func:`log_joint_and_grad` for an MLP decoder given as tensors (see :func:`mlp_decoder`).
 
-    layers [(weight [out, in], bias [out]), ...], x_flat [N, P] in z's dtype, z [S, N, D].
+    layers [(weight [out, in], bias [out]), ...], x_flat [N, P] in z's dtype, z [S, N, D] (or
+    z [N, S, D] with x_flat [N, 1, P]: every row is its own sample).
     A pure function of tensors, which ``torch.compile`` can trace whole.
     """
     act = _ACT_FN[activation]

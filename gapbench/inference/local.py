@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Dict, Optional, Union
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 from gapbench.inference._common import check_batch, check_model, float_dtype, seeded
 from gapbench.inference.adam import adam_update_
 from gapbench.inference.bounds import elbo_and_stderr
-from gapbench.inference.gradients import log_joint_in_z
+from gapbench.inference.gradients import log_joint_in_z, point_major_joint
 from gapbench.inference.progress import ProgressFn, throttled
 from gapbench.models.posterior import Family, FamilyPosterior, as_posterior, get_family
 
@@ -166,6 +167,9 @@ def fit_local(
     if gradient not in ("total", "path"):
         raise ValueError(f"gradient must be 'total' or 'path', got {gradient!r}")
     sample = fam.sample_and_path_log_prob if gradient == "path" else fam.sample_and_log_prob
+    # A family may give the path-derivative step's ELBOs and gradient by hand, without autograd.
+    by_hand = getattr(fam, "path_elbo_and_grad", None) if gradient == "path" else None
+    point_joint = point_major_joint(model) if by_hand is not None else None
     report = throttled(progress_fn)
     joint = log_joint_in_z(model)  # gradients reach q's parameters only
     # Point-steps: every pass of the loop is one step of each active datapoint (one that
@@ -222,13 +226,21 @@ def fit_local(
         f_act, m_act, v_act, x_act = flat[active], m_all[active], v_all[active], x[active]
         while active.numel() > 0:
             n = active.numel()
-            leaf = f_act.requires_grad_(True)
-            z, log_q = sample(unflatten(leaf, active), num_samples, n)  # [S, n, D], [S, n]
-            elbos = joint(x_act, z) - log_q  # [S, n]
-            loss = -elbos.mean(0)  # [n]
-            (grad,) = torch.autograd.grad(loss.sum(), [leaf], allow_unused=True)
-            grad = torch.zeros_like(f_act) if grad is None else grad  # [n, P]
-            loss = loss.detach()
+            step = None
+            if by_hand is not None:
+                step = by_hand(unflatten(f_act, active), num_samples, partial(point_joint, x_act))
+            if step is not None:
+                elbos, grads = step  # [S, n], {name: [n, ...]}
+                loss = -elbos.mean(0)  # [n]
+                grad = torch.cat([grads[k].reshape(n, -1) for k in names], dim=1)  # [n, P]
+            else:
+                leaf = f_act.requires_grad_(True)
+                z, log_q = sample(unflatten(leaf, active), num_samples, n)  # [S, n, D], [S, n]
+                elbos = joint(x_act, z) - log_q  # [S, n]
+                loss = -elbos.mean(0)  # [n]
+                (grad,) = torch.autograd.grad(loss.sum(), [leaf], allow_unused=True)
+                grad = torch.zeros_like(f_act) if grad is None else grad  # [n, P]
+                loss = loss.detach()
             # A row is finite iff its sum is (one pass; float64 so no finite row can overflow).
             ok = torch.isfinite(loss) & torch.isfinite(grad.sum(1, dtype=torch.float64))
             all_ok = bool(ok.all())
