@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gapbench.inference._common import check_batch, check_model, float_dtype, seeded
-from gapbench.inference.adam import adam_update_
+from gapbench.inference.adam import adam_step_
 from gapbench.inference.bounds import elbo_and_stderr
 from gapbench.inference.gradients import log_joint_in_z, point_major_joint
 from gapbench.inference.progress import ProgressFn, throttled
@@ -241,17 +241,25 @@ def fit_local(
                 (grad,) = torch.autograd.grad(loss.sum(), [leaf], allow_unused=True)
                 grad = torch.zeros_like(f_act) if grad is None else grad  # [n, P]
                 loss = loss.detach()
-            # A row is finite iff its sum is (one pass; float64 so no finite row can overflow).
-            ok = torch.isfinite(loss) & torch.isfinite(grad.sum(1, dtype=torch.float64))
+            # A row is finite iff its sum is (one pass; a row whose sum overflows is summed again in
+            # float64, where no finite row can).
+            row_ok = torch.isfinite(grad.sum(1))
+            if not bool(row_ok.all()):
+                row_ok = torch.isfinite(grad.sum(1, dtype=torch.float64))
+            ok = torch.isfinite(loss) & row_ok
             all_ok = bool(ok.all())
             t = steps[active] + 1
-            old = f_act.detach()
+            f_act = f_act.detach()
+            # The rows at a check, before this step's update (a new best check keeps them).
+            checking = t % check_every == 0
+            before = f_act[checking] if bool(checking.any()) else None
+            old = None if all_ok else f_act.clone()
             if not all_ok:
                 grad = torch.where(ok[:, None], grad, torch.zeros_like(grad))
-            step_lr = lr_now[active].unsqueeze(1) if per_point_lr else lr
-            new = adam_update_(old, grad, m_act, v_act, t, step_lr)  # m_act, v_act updated in place
-            # A datapoint whose loss or gradient is not finite keeps its last parameters.
-            f_act = new if all_ok else torch.where(ok[:, None], new, old)
+            # f_act, m_act and v_act updated in place
+            adam_step_(f_act, grad, m_act, v_act, t, lr_now[active] if per_point_lr else lr)
+            if not all_ok:  # a datapoint whose loss or gradient is not finite keeps its last parameters
+                f_act = torch.where(ok[:, None], f_act, old)
             steps[active] = torch.where(ok, t, steps[active])
             if fresh_points:
                 first = ok & (t == 1)
@@ -277,7 +285,7 @@ def fit_local(
                 lowest = avg < best[idx]
                 if bool(lowest.any()):
                     # The parameters of the window's last loss (before this step's update).
-                    best_flat[idx[lowest]] = old[at_check][lowest]
+                    best_flat[idx[lowest]] = before[ok[checking]][lowest]
                     best_se[idx[lowest]] = se[lowest]
                 best[idx] = torch.minimum(best[idx], avg)
                 bad_checks[idx] = torch.where(improved, torch.zeros_like(bad_checks[idx]), bad_checks[idx] + 1)
