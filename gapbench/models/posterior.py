@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from gapbench.ops import log_normal
+from gapbench.ops import log_normal, log_standard_normal
 
 Params = Dict[str, Tensor]
 
@@ -297,6 +297,25 @@ class DiagonalGaussian(Family):
     def sample_and_path_log_prob(self, params, num_samples, num_points=None):
         z, _ = self.sample_and_log_prob(params, num_samples, num_points)
         return z, log_normal(z, params["mean"].detach(), params["log_var"].detach())
+
+    def path_elbo_and_grad(self, params: Params, num_samples: int, joint) -> Optional[Tuple[Tensor, Params]]:
+        """(ELBO samples [S, N], the path-derivative gradient of the loss -(1/S) sum_s ELBO_s in ``mean`` and
+        ``log_var`` [N, D]) without autograd: what :meth:`sample_and_path_log_prob` and autograd give, up to
+        rounding, on the same noise. With z = mean + sd eps and f = log p(x, z) - log q_bar(z) (q's
+        parameters held fixed in log q_bar): df/dz = grad_z log p(x, z) + eps / sd, df/dmean = df/dz and
+        df/dlog_var = df/dz * eps * sd / 2. ``joint``: point-major z [N, S, D] -> (log p(x, z) [N, S],
+        its gradient in z). None when the parameters are shared between datapoints (then use autograd)."""
+        mean, log_var = params["mean"], params["log_var"]
+        if mean.shape[0] != log_var.shape[0]:
+            return None
+        eps = torch.randn((num_samples,) + tuple(mean.shape), device=mean.device, dtype=mean.dtype)
+        eps = eps.transpose(0, 1)  # [N, S, D], the draw of sample_and_log_prob
+        sd = torch.exp(0.5 * log_var).unsqueeze(1)
+        log_p, grad_z = joint(mean.unsqueeze(1) + sd * eps)
+        elbo = log_p - (log_standard_normal(eps) - 0.5 * log_var.sum(-1, keepdim=True))
+        grad_z = grad_z.add_(eps / sd).mul_(-1.0 / num_samples)  # the loss's, per sample
+        grad = {"mean": grad_z.sum(1), "log_var": (grad_z * eps).sum(1).mul_(0.5 * sd.squeeze(1))}
+        return elbo.transpose(0, 1), grad
 
 
 FAMILIES: Dict[str, type] = {"ffg": DiagonalGaussian}
