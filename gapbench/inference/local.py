@@ -227,12 +227,13 @@ def fit_local(
         while active.numel() > 0:
             n = active.numel()
             step = None
-            if by_hand is not None:
-                step = by_hand(unflatten(f_act, active), num_samples, partial(point_joint, x_act))
+            if by_hand is not None:  # the gradient lands in grad's rows
+                grad = torch.empty_like(f_act)  # [n, P]
+                step = by_hand(unflatten(f_act, active), num_samples, partial(point_joint, x_act),
+                               out=unflatten(grad, active))
             if step is not None:
-                elbos, grads = step  # [S, n], {name: [n, ...]}
-                loss = -elbos.mean(0)  # [n]
-                grad = torch.cat([grads[k].reshape(n, -1) for k in names], dim=1)  # [n, P]
+                loss = -step[0].mean(0)  # [n]; step[0]: ELBO samples [S, n]
+                elbos = step[0]
             else:
                 leaf = f_act.requires_grad_(True)
                 z, log_q = sample(unflatten(leaf, active), num_samples, n)  # [S, n, D], [S, n]

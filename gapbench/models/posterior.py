@@ -298,13 +298,15 @@ class DiagonalGaussian(Family):
         z, _ = self.sample_and_log_prob(params, num_samples, num_points)
         return z, log_normal(z, params["mean"].detach(), params["log_var"].detach())
 
-    def path_elbo_and_grad(self, params: Params, num_samples: int, joint) -> Optional[Tuple[Tensor, Params]]:
+    def path_elbo_and_grad(self, params: Params, num_samples: int, joint,
+                           out: Optional[Params] = None) -> Optional[Tuple[Tensor, Params]]:
         """(ELBO samples [S, N], the path-derivative gradient of the loss -(1/S) sum_s ELBO_s in ``mean`` and
         ``log_var`` [N, D]) without autograd: what :meth:`sample_and_path_log_prob` and autograd give, up to
         rounding, on the same noise. With z = mean + sd eps and f = log p(x, z) - log q_bar(z) (q's
         parameters held fixed in log q_bar): df/dz = grad_z log p(x, z) + eps / sd, df/dmean = df/dz and
         df/dlog_var = df/dz * eps * sd / 2. ``joint``: point-major z [N, S, D] -> (log p(x, z) [N, S],
-        its gradient in z). None when the parameters are shared between datapoints (then use autograd)."""
+        its gradient in z). None when the parameters are shared between datapoints (then use autograd).
+        ``out``: tensors [N, D] for ``mean`` and ``log_var`` to write the gradient into (then returned)."""
         mean, log_var = params["mean"], params["log_var"]
         if mean.shape[0] != log_var.shape[0]:
             return None
@@ -314,8 +316,13 @@ class DiagonalGaussian(Family):
         log_p, grad_z = joint(mean.unsqueeze(1) + sd * eps)
         elbo = log_p - (log_standard_normal(eps) - 0.5 * log_var.sum(-1, keepdim=True))
         grad_z = grad_z.add_(eps / sd).mul_(-1.0 / num_samples)  # the loss's, per sample
-        grad = {"mean": grad_z.sum(1), "log_var": (grad_z * eps).sum(1).mul_(0.5 * sd.squeeze(1))}
-        return elbo.transpose(0, 1), grad
+        if out is None:
+            out = {"mean": grad_z.sum(1), "log_var": (grad_z * eps).sum(1)}
+        else:
+            torch.sum(grad_z, 1, out=out["mean"])
+            torch.sum(grad_z.mul_(eps), 1, out=out["log_var"])
+        out["log_var"].mul_(0.5 * sd.squeeze(1))
+        return elbo.transpose(0, 1), out
 
 
 FAMILIES: Dict[str, type] = {"ffg": DiagonalGaussian}

@@ -134,14 +134,14 @@ def test_fit_local_takes_the_hand_step_and_fits_as_autograd_does(monkeypatch, fa
     calls = []
     real = family.path_elbo_and_grad
 
-    def counted(self, *args):
+    def counted(self, *args, **kwargs):
         calls.append(1)
-        return real(self, *args)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(family, "path_elbo_and_grad", counted)
     hand = fit_local(model, x, **kwargs)
     assert len(calls) == int(hand.num_steps.max())
-    monkeypatch.setattr(family, "path_elbo_and_grad", lambda self, *args: None)
+    monkeypatch.setattr(family, "path_elbo_and_grad", lambda self, *args, **kwargs: None)
     ref = fit_local(model, x, **kwargs)
     assert torch.equal(hand.num_steps, ref.num_steps)
     scale = max(v.abs().max().item() for v in ref.params.values())

@@ -167,16 +167,18 @@ class AuxiliaryFlow(FlowFamily):
     def sample_and_log_prob(self, params: Params, num_samples: int, num_points: Optional[int] = None):
         return self.transform_noise(params, *self._noise(params, num_samples, num_points))
 
-    def path_elbo_and_grad(self, params: Params, num_samples: int, joint) -> Optional[Tuple[Tensor, Params]]:
+    def path_elbo_and_grad(self, params: Params, num_samples: int, joint,
+                           out: Optional[Params] = None) -> Optional[Tuple[Tensor, Params]]:
         """(ELBO samples [S, N], the path-derivative gradient of the loss -(1/S) sum_s ELBO_s in every
         parameter [N, ...]), derived by hand (see :mod:`gapbench.models.flows.hand_gradient`): what
         :meth:`sample_and_path_log_prob` and autograd give, up to rounding, in about half the time.
         ``joint``: point-major z [N, S, D] -> (log p(x, z) [N, S], its gradient in z). None when the
-        flow has a context or shares parameters between datapoints (then use autograd)."""
+        flow has a context or shares parameters between datapoints (then use autograd). ``out``: a
+        tensor [N, ...] per parameter to write the gradient into (it is returned in them)."""
         num_points = params["mean"].shape[0]
         if self.context_dim or any(p.shape[0] != num_points for p in params.values()):
             return None
-        return path_elbo_and_grad(self, params, num_samples, joint, MAX_LOG_SCALE, MAX_AUX_LOG_VAR)
+        return path_elbo_and_grad(self, params, num_samples, joint, MAX_LOG_SCALE, MAX_AUX_LOG_VAR, out)
 
     def sample_and_path_log_prob(self, params: Params, num_samples: int, num_points: Optional[int] = None):
         """The bound on log q(zT) with the path derivative only for q's own parameters.
