@@ -135,7 +135,9 @@ def fit_local(
             as a new best (0: any improvement, the paper's rule).
         gradient: "total" (the reparameterization gradient of the ELBO estimate, the paper's) or
             "path" (its path derivative only: log q's parameters held fixed where it is evaluated,
-            which drops a zero-mean score term; see ``Family.sample_and_path_log_prob``).
+            which drops a zero-mean score term; see ``Family.sample_and_path_log_prob``). Families
+            with a ``path_elbo_and_grad`` (the FFG and the auxiliary flow, local parameters) then take
+            each step by their hand-derived gradient instead of autograd: the same step up to rounding.
         num_final_samples: fresh samples for the final L[q*] (chunked).
         chunk_size: most datapoints optimized at once (None: all); a converged
             datapoint's place is taken by the next waiting one.
