@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gapbench.inference._common import log_joint
-from gapbench.ops import log_bernoulli, log_standard_normal
+from gapbench.ops import log_standard_normal
 
 def _elu_(a: Tensor) -> Tensor:
     """ELU (alpha 1), overwriting a: max(a, 0) + exp(min(a, 0)) - 1, ~1.7x faster than F.elu on a CPU."""
@@ -167,12 +167,17 @@ def mlp_log_joint_and_grad(
             h = act(F.linear(h, weight, bias))
             hidden.append(h)
         weight, bias = layers[-1]
-        logits = F.linear(h, weight, bias).reshape(num_samples, num_points, -1)  # [S, N, P]
+        logits = F.linear(h, weight, bias)  # [S * N, P]
+        # The sums over pixels that involve x run through the last layer once per datapoint, not per
+        # sample: sum_p x_p l_p = h . (x W) + x . b, and (x - sigmoid(l)) W = x W - sigmoid(l) W. That
+        # spares three passes over the [S * N, P] logits (x * l, the difference, x - sigmoid(l)).
+        x_w = x_flat @ weight  # [N, H] (or [N, 1, H])
         value = None
         if need_value:
-            value = log_standard_normal(z) + log_bernoulli(x_flat, logits)
-        g = torch.sigmoid(logits).neg_().add_(x_flat).reshape(num_samples * num_points, -1)  # x - sigmoid(l)
-        g = g @ weight
+            x_l = (h.reshape(num_samples, num_points, -1) * x_w).sum(-1) + x_flat @ bias  # sum_p x_p l_p
+            value = log_standard_normal(z) + x_l - F.softplus(logits).sum(-1).reshape(num_samples, num_points)
+        g = (x_w - (logits.sigmoid_() @ weight).reshape(num_samples, num_points, -1))  # (x - sigmoid(l)) W
+        g = g.reshape(num_samples * num_points, -1)
         for (weight, _), h in zip(reversed(layers[:-1]), reversed(hidden)):
             g = g.mul_(_act_grad(h, activation)) @ weight
         grad = g.reshape(num_samples, num_points, dim) - z
