@@ -25,6 +25,14 @@ def _vae():
     return model.double().requires_grad_(False)
 
 
+def _case(case):
+    """A model with a written-out decoder gradient ("vae") or one that goes through autograd, and 4 points."""
+    if case == "vae":
+        return _vae(), (torch.rand(4, 1, 3, 4, generator=torch.Generator().manual_seed(1)) < 0.4).double()
+    model = make_linear_gaussian(data_dim=5, latent_dim=3)
+    return model, simulate(model, 4)
+
+
 def _params(fam, n, seed, perturb):
     gen = torch.Generator().manual_seed(seed)
     params = fam.init_params(n, dtype=torch.float64, generator=gen)
@@ -50,12 +58,7 @@ def _hand_step(fam, model, x, params, num_samples, seed):
 @pytest.mark.parametrize("case", ["vae", "linear_gaussian"])
 @pytest.mark.parametrize("num_flow_steps", [1, 3])
 def test_hand_step_equals_autograd(case, num_flow_steps):
-    if case == "vae":
-        model = _vae()
-        x = (torch.rand(4, 1, 3, 4, generator=torch.Generator().manual_seed(1)) < 0.4).double()
-    else:
-        model = make_linear_gaussian(data_dim=5, latent_dim=3)
-        x = simulate(model, 4)
+    model, x = _case(case)
     fam = AuxiliaryFlow(3, num_flow_steps=num_flow_steps, flow_hidden=7, aux_dim=2)
     params = _params(fam, 4, seed=3, perturb=0.4)
     ref_elbo, ref_grads = _autograd_step(fam, model, x, params, num_samples=5, seed=11)
@@ -74,12 +77,7 @@ def test_hand_step_equals_autograd(case, num_flow_steps):
 
 @pytest.mark.parametrize("case", ["vae", "linear_gaussian"])
 def test_ffg_hand_step_equals_autograd(case):
-    if case == "vae":
-        model = _vae()
-        x = (torch.rand(4, 1, 3, 4, generator=torch.Generator().manual_seed(1)) < 0.4).double()
-    else:
-        model = make_linear_gaussian(data_dim=5, latent_dim=3)
-        x = simulate(model, 4)
+    model, x = _case(case)
     fam = DiagonalGaussian(3)
     params = _params(fam, 4, seed=3, perturb=0.7)
     ref_elbo, ref_grads = _autograd_step(fam, model, x, params, num_samples=6, seed=11)
