@@ -46,12 +46,10 @@ def adam_step_(
     ten passes, each through a newly allocated buffer. Elsewhere the same arithmetic runs in place.
     """
     if _has_fused_adam(param):
-        rows = [list(t.unbind(0)) for t in (param, grad, m, v)]
-        steps = list(step.to(torch.float32).unbind(0))
-        groups = [(list(range(param.shape[0])), float(lr))] if not isinstance(lr, Tensor) else _lr_groups(lr)
-        for idx, rate in groups:
-            pick = (lambda seq: seq) if len(idx) == param.shape[0] else (lambda seq: [seq[i] for i in idx])
-            torch._fused_adam_(*(pick(r) for r in rows), [], pick(steps), lr=rate, beta1=betas[0], beta2=betas[1],
+        rows = [list(t.unbind(0)) for t in (param, grad, m, v)] + [list(step.to(torch.float32).unbind(0))]
+        for idx, rate in _lr_groups(lr):
+            params_, grads, ms, vs, steps = rows if idx is None else [[seq[i] for i in idx] for seq in rows]
+            torch._fused_adam_(params_, grads, ms, vs, [], steps, lr=rate, beta1=betas[0], beta2=betas[1],
                                weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
         return
     b1, b2 = betas
@@ -64,12 +62,21 @@ def adam_step_(
     param.sub_(update)
 
 
-def _lr_groups(lr: Tensor):
-    """[(row indices, rate)] for each distinct rate of ``lr`` [n]."""
+def _lr_groups(lr):
+    """[(row indices, rate)] for each distinct rate of ``lr`` (a float or [n]); indices None: every row."""
+    if not isinstance(lr, Tensor):
+        return [(None, float(lr))]
     values, which = torch.unique(lr, return_inverse=True)
     if values.numel() == 1:
-        return [(list(range(lr.shape[0])), float(values[0]))]
+        return [(None, float(values[0]))]
     return [((which == j).nonzero().flatten().tolist(), rate) for j, rate in enumerate(values.tolist())]
+
+
+def finite_rows(grad: Tensor) -> Tensor:
+    """[n] bool: which rows of ``grad`` [n, P] are finite throughout. A row is finite iff its sum is: one
+    float32 pass, and a row whose sum overflowed is summed again in float64, where no finite row can."""
+    ok = torch.isfinite(grad.sum(1))
+    return ok if bool(ok.all()) else torch.isfinite(grad.sum(1, dtype=torch.float64))
 
 
 _FUSED: dict = {}

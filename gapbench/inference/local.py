@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gapbench.inference._common import check_batch, check_model, float_dtype, seeded
-from gapbench.inference.adam import adam_step_
+from gapbench.inference.adam import adam_step_, finite_rows
 from gapbench.inference.bounds import elbo_and_stderr
 from gapbench.inference.gradients import log_joint_in_z, point_major_joint
 from gapbench.inference.progress import ProgressFn, throttled
@@ -234,8 +234,8 @@ def fit_local(
                 step = by_hand(unflatten(f_act, active), num_samples, partial(point_joint, x_act),
                                out=unflatten(grad, active))
             if step is not None:
-                loss = -step[0].mean(0)  # [n]; step[0]: ELBO samples [S, n]
-                elbos = step[0]
+                elbos = step[0]  # [S, n]; the gradient is in grad already
+                loss = -elbos.mean(0)  # [n]
             else:
                 leaf = f_act.requires_grad_(True)
                 z, log_q = sample(unflatten(leaf, active), num_samples, n)  # [S, n, D], [S, n]
@@ -244,12 +244,7 @@ def fit_local(
                 (grad,) = torch.autograd.grad(loss.sum(), [leaf], allow_unused=True)
                 grad = torch.zeros_like(f_act) if grad is None else grad  # [n, P]
                 loss = loss.detach()
-            # A row is finite iff its sum is (one pass; a row whose sum overflows is summed again in
-            # float64, where no finite row can).
-            row_ok = torch.isfinite(grad.sum(1))
-            if not bool(row_ok.all()):
-                row_ok = torch.isfinite(grad.sum(1, dtype=torch.float64))
-            ok = torch.isfinite(loss) & row_ok
+            ok = torch.isfinite(loss) & finite_rows(grad)
             all_ok = bool(ok.all())
             t = steps[active] + 1
             f_act = f_act.detach()
@@ -277,7 +272,7 @@ def fit_local(
             # The stopping rule, for the datapoints at a check (all active ones share t % check_every
             # unless the batch was refilled, so this branch is rare).
             done = ~ok
-            at_check = ok & (t % check_every == 0)
+            at_check = ok & checking
             if bool(at_check.any()):
                 idx = active[at_check]
                 avg = window[idx] / check_every

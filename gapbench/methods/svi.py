@@ -21,7 +21,7 @@ from torch import Tensor
 
 from gapbench.errors import GapbenchError
 from gapbench.inference.gradients import joint_density
-from gapbench.inference.adam import adam_update_
+from gapbench.inference.adam import adam_update_, finite_rows
 from gapbench.methods.base import Method, StepResult, decoder_parameters, elbo_terms, encoder_parameters
 from gapbench.models.posterior import DiagonalGaussian
 from gapbench.ops import log_standard_normal
@@ -91,7 +91,7 @@ def svi_steps(model, x: Tensor, mean: Tensor, log_var: Tensor, num_steps: int, l
             if keep_samples:
                 zs.append(z)
                 log_qs.append(log_standard_normal(eps) - 0.5 * lv.sum(-1))
-            ok = torch.isfinite(grad.sum(1, dtype=torch.float64))
+            ok = finite_rows(grad)
             all_ok = bool(ok.all())
             if not all_ok:
                 grad = torch.where(ok[:, None], grad, torch.zeros_like(grad))

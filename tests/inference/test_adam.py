@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gapbench.inference import adam
-from gapbench.inference.adam import adam_step_, adam_update_
+from gapbench.inference.adam import adam_step_, adam_update_, finite_rows
 from tests.tolerance import float_tol
 
 
@@ -50,3 +50,13 @@ def test_in_place_step_is_the_per_row_update(monkeypatch, fused, dtype, per_row_
     new = adam_update_(param, grad, m2, v2, step, lr.unsqueeze(1) if per_row_lr else lr)
     assert torch.equal(param, before) and torch.equal(new, p1) and torch.equal(m2, m1) and torch.equal(v2, v1)
     assert (p1 - param).abs().max() > 1e-4  # the step moved the parameters
+
+
+def test_finite_rows_tells_overflowing_sums_from_non_finite_entries():
+    big = torch.finfo(torch.float32).max / 2
+    grad = torch.zeros(4, 5)
+    grad[0] = big  # finite, but its float32 sum overflows
+    grad[1, 2] = float("inf")
+    grad[2, 0] = float("nan")
+    assert finite_rows(grad).tolist() == [True, False, False, True]
+    assert finite_rows(torch.ones(3, 2)).tolist() == [True, True, True]
