@@ -7,7 +7,11 @@ conditions for both: each shares the machine with the other), each with its own
 commit's copy of ``--recipe`` for the evaluation settings. ``--alone`` runs them one
 after the other instead, each with the whole machine as a user would run it: the
 code of before in its one process at torch's default threads, this checkout in one
-process too, or as ``--after-ranks R`` torchrun ranks of one thread each. Then it prints, per stage,
+process too, or as ``--after-ranks R`` torchrun ranks of one thread each. This machine's speed drifts
+by tens of percent within an hour, so ``--bracket`` (with ``--alone``) runs this checkout both before
+and after the code of before, and sets the code of before against the mean of the two; and each
+command alone is framed by a probe of the machine's speed (GFLOP/s of a fixed matrix product at the
+command's threads) before and after it. Then it prints, per stage,
 the seconds each recorded (``gaps/<split>.json``), the whole command's wall time, the
 local fits' mean steps and how many stopped by their rule, and the per-datapoint
 estimates of the two side by side (mean difference after - before, its standard
@@ -15,6 +19,7 @@ error, and the extremes), so that a speedup is read together with what it comput
 
     python benchmarks/before_after.py --run results/cremer2018-small/fashion_ffg --before ec25fb7
     python benchmarks/before_after.py --run R --before COMMIT --points 100 --alone --after-ranks 2
+    python benchmarks/before_after.py --run R --before COMMIT --points 100 --alone --bracket
 
 The run folder needs its checkpoint (``checkpoint.pt``). Needs git and the
 repository's history (a clone, not an exported tree).
@@ -89,6 +94,37 @@ def _wait(procs, started: List[float]) -> List[float]:
     return walls
 
 
+def probe(threads: int = 0, seconds: float = 2.0) -> float:
+    """This machine's speed now: GFLOP/s of the decoder's largest product (1,000 x 200 by 200 x 784,
+    float32) repeated for about ``seconds``, at ``threads`` torch threads (0: torch's default)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(1000, 200, generator=gen), torch.randn(200, 784, generator=gen)
+        for _ in range(20):
+            a @ b
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for _ in range(20):
+                a @ b
+            count += 20
+        return 2 * 1000 * 200 * 784 * count / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _mean_summary(summaries: List[Dict]) -> Dict:
+    """The first summary, with each stage's seconds the mean over all of them (repeated runs of one code)."""
+    merged = dict(summaries[0])
+    merged["stage_seconds"] = {k: sum(s["stage_seconds"][k] for s in summaries) / len(summaries)
+                               for k in summaries[0]["stage_seconds"]}
+    return merged
+
+
 def _summary(run: Path, split: str) -> Dict:
     return json.loads((run / "gaps" / f"{split}.json").read_text())
 
@@ -158,18 +194,22 @@ def main(argv=None) -> None:
                         "whole machine (before: one process at torch's default threads), instead of side by side")
     parser.add_argument("--after-ranks", type=int, default=1, help="with --alone: run this checkout as this many "
                         "torchrun ranks, one thread each (the code of before has one process only)")
+    parser.add_argument("--bracket", action="store_true", help="with --alone: run this checkout before and after "
+                        "the code of before, and compare with the mean of the two (the machine's speed drifts)")
     parser.add_argument("--work", default=None, help="folder for the two run copies and logs (default: a temporary one)")
     args = parser.parse_args(argv)
 
     if args.after_ranks < 1 or (args.after_ranks > 1 and not args.alone):
         _fail("--after-ranks takes a positive count and needs --alone (side by side, each side has one core)")
+    if args.bracket and not args.alone:
+        _fail("--bracket needs --alone (it runs this checkout before and after the code of before, each alone)")
     run = Path(args.run).resolve()
     if not (run / "checkpoint.pt").is_file():
         _fail(f"{run} has no checkpoint.pt; give --run a trained run folder (`make bench-evaluation` "
               "trains one into runs/bench/fashion_ffg_50ep)")
     work = Path(args.work or tempfile.mkdtemp(prefix="before_after_")).resolve()
     tree = work / "before_code"
-    for sub in ("before_run", "after_run", "before_code"):
+    for sub in ("before_run", "after_run", "after2_run", "before_code"):
         if (work / sub).exists():
             _fail(f"{work / sub} exists; give an empty --work folder")
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", args.before + "^{commit}"],
@@ -181,29 +221,51 @@ def main(argv=None) -> None:
     try:
         _copy_run(run, work / "before_run")
         _copy_run(run, work / "after_run")
+        if args.bracket:
+            _copy_run(run, work / "after2_run")
         how = (f"one after the other, each alone on the machine (before: one process, torch's default threads; "
                f"after: {'one process' if args.after_ranks == 1 else f'{args.after_ranks} torchrun ranks'})"
                if args.alone else "both at once, one thread each")
+        if args.bracket:
+            how += "; this checkout runs before and after the code of before"
         print(f"{run}: {args.points} {args.split} points; before {commit.stdout.strip()[:10]}, after this checkout; "
               f"{how}; logs in {work}", flush=True)
         sides = [(tree, "before", 1), (REPO, "after", args.after_ranks)]
+        if args.bracket:
+            sides = [(REPO, "after", args.after_ranks), (tree, "before", 1), (REPO, "after2", args.after_ranks)]
         if args.alone:
             procs, walls = [], []
             for code, name, ranks in sides:
+                speed = probe(1 if ranks > 1 else 0)
                 started = [time.perf_counter()]
                 procs.append(_launch(code, work / f"{name}_run", args, work / f"{name}.log", ranks))
                 walls += _wait(procs[-1:], started)
+                print(f"{name}: {walls[-1]:,.1f} s; the machine's speed ({'1 thread' if ranks > 1 else 'default threads'}) "
+                      f"{speed:.0f} GFLOP/s before it, {probe(1 if ranks > 1 else 0):.0f} after", flush=True)
+            if args.bracket:  # back to (before, after): the after side's runs in one, its wall their mean
+                order = [name for _, name, _ in sides]
+                procs = [procs[order.index("before")], procs[order.index("after")], procs[order.index("after2")]]
+                walls = [walls[order.index("before")], walls[order.index("after")], walls[order.index("after2")]]
         else:
             started = [time.perf_counter()] * 2
             procs = [_launch(code, work / f"{name}_run", args, work / f"{name}.log", ranks)
                      for code, name, ranks in sides]
             walls = _wait(procs, started)
+        names = ("before", "after", "after2")
         for i, (p, out) in enumerate(procs):
             out.close()
             if p.returncode:
-                _fail(f"the {('before', 'after')[i]} evaluation failed (exit {p.returncode}); "
-                         f"see {work / ('before.log', 'after.log')[i]}")
+                _fail(f"the {names[i]} evaluation failed (exit {p.returncode}); see {work / (names[i] + '.log')}")
         before, after = _summary(work / "before_run", args.split), _summary(work / "after_run", args.split)
+        if args.bracket:
+            after = _mean_summary([after, _summary(work / "after2_run", args.split)])
+            print(f"(after: the mean of this checkout's two runs, {walls[1]:,.1f} s before the code of before and "
+                  f"{walls[2]:,.1f} s after it: {walls[0] / walls[1]:.1f}x and {walls[0] / walls[2]:.1f}x alone)")
+            walls = [walls[0], (walls[1] + walls[2]) / 2]
+            first, second = _csv(work / "after_run", args.split), _csv(work / "after2_run", args.split)
+            cols = [c for c in COLUMNS if c in first]
+            print(f"(its two runs' estimates differ by at most {(first[cols] - second[cols]).abs().max().max():.2g} "
+                  "nats at any point)")
         print(stage_table(before, after, walls, args.after_ranks))
         if args.after_ranks > 1:
             print(f"(after: each stage's seconds add up its {args.after_ranks} ranks' time; the wall is the command's)")
