@@ -369,24 +369,33 @@ class _Timer:
     def per_unit(self, run_fn: Callable[[int], object], max_units: int) -> float:
         """Seconds per unit of ``run_fn(k)`` (k units: steps, transitions, samples).
 
-        After a warm-up call of one unit, k grows until a run takes half the budget (or k
-        reaches ``max_units``); a run within the budget is made once more and the faster of the
-        two counts, so that a moment of other work on the machine does not (the plan assumes
-        the machine otherwise idle). A unit slower than twice the budget counts from its
-        warm-up (first-call costs are small beside it), and from one more run when that
-        costs at most four budgets.
+        After a warm-up call of one unit and a timing of one unit, k grows until the units beyond
+        the first take half the budget (or k reaches ``max_units``); a run within the budget is made
+        once more and the faster of the two counts, so that a moment of other work on the machine
+        does not (the plan assumes the machine otherwise idle). The cost is the slope between the
+        two, (t(k) - t(1)) / (k - 1): what a call costs beyond its units (a local fit's setup and
+        final estimate, some 50 ms for 25 flows: more than one step) is paid once per batch, not per
+        unit. At ``max_units`` the run is the whole work and counts as t(k) / k. A unit slower than
+        twice the budget counts from its warm-up (first-call costs are small beside it), and from
+        one more run when that costs at most four budgets.
         """
         took = self.once(lambda: run_fn(1))
         if took >= 2 * self.budget:
             return self._again(took, lambda: run_fn(1)) if took <= 4 * self.budget else took
+        one = self.once(lambda: run_fn(1))
+        if one <= self.budget:
+            one = self._again(one, lambda: run_fn(1))
         k = 1
-        while True:
+        while k < max_units:
+            k = min(max_units, max(k + 1, int(k * min(8.0, 1.2 * self.budget / 2 / max(took - one, one / 4, 1e-6)))))
             took = self.once(lambda: run_fn(k))
-            if took >= self.budget / 2 or k >= max_units:
+            if took - one >= self.budget / 2 or k >= max_units:
                 if took <= self.budget:
                     took = self._again(took, lambda: run_fn(k))
-                return took / k
-            k = min(max_units, max(k + 1, int(k * min(8.0, 1.2 * self.budget / 2 / max(took, 1e-6)))))
+                break
+        if k >= max_units or took <= one:  # the whole work, or units too cheap to tell from the call's cost
+            return took / k
+        return (took - one) / (k - 1)
 
     def per_point(self, what: str, run_at: Callable[[int], Callable[[int], object]], num_points: int,
                   max_units: int) -> "PointCost":

@@ -83,6 +83,19 @@ def test_the_cost_per_point_is_fitted_through_two_timings(tmp_path):
     assert cost(20) == pytest.approx(unit(20), rel=0.2)
 
 
+def test_a_calls_own_cost_is_not_counted_per_unit():
+    """Work of 2 ms a unit behind 40 ms a call (a local fit's setup and final estimate): 2 ms a unit,
+    where t(k) / k at the k the budget allows would be several times that."""
+    from gapbench.plan import _Timer
+
+    timer = _Timer(torch.device("cpu"), budget=0.05)
+    per_unit = timer.per_unit(lambda k: time.sleep(0.040 + 0.002 * k), max_units=1000)
+    # time.sleep overshoots by about 0.1 ms a call: within 0.2 ms over the units of the timed calls.
+    assert per_unit == pytest.approx(0.002, abs=2e-4)
+    # at max_units the timed run is the whole work: its time per unit, call cost included
+    assert timer.per_unit(lambda k: time.sleep(0.040 + 0.002 * k), max_units=4) == pytest.approx(0.012, rel=0.1)
+
+
 def test_a_trained_run_is_not_trained_again(trained_tiny, tmp_path, capsys):  # noqa: F811
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY)
