@@ -230,28 +230,28 @@ def main(argv=None) -> None:
             how += "; this checkout runs before and after the code of before"
         print(f"{run}: {args.points} {args.split} points; before {commit.stdout.strip()[:10]}, after this checkout; "
               f"{how}; logs in {work}", flush=True)
+        names = ("before", "after", "after2")  # how the results are read, whatever order the runs took
         sides = [(tree, "before", 1), (REPO, "after", args.after_ranks)]
         if args.bracket:
             sides = [(REPO, "after", args.after_ranks), (tree, "before", 1), (REPO, "after2", args.after_ranks)]
         if args.alone:
             procs, walls = [], []
             for code, name, ranks in sides:
-                speed = probe(1 if ranks > 1 else 0)
+                threads = 1 if ranks > 1 else 0  # each rank's, or torch's default
+                speed = probe(threads)
                 started = [time.perf_counter()]
                 procs.append(_launch(code, work / f"{name}_run", args, work / f"{name}.log", ranks))
                 walls += _wait(procs[-1:], started)
-                print(f"{name}: {walls[-1]:,.1f} s; the machine's speed ({'1 thread' if ranks > 1 else 'default threads'}) "
-                      f"{speed:.0f} GFLOP/s before it, {probe(1 if ranks > 1 else 0):.0f} after", flush=True)
-            if args.bracket:  # back to (before, after): the after side's runs in one, its wall their mean
-                order = [name for _, name, _ in sides]
-                procs = [procs[order.index("before")], procs[order.index("after")], procs[order.index("after2")]]
-                walls = [walls[order.index("before")], walls[order.index("after")], walls[order.index("after2")]]
+                print(f"{name}: {walls[-1]:,.1f} s; the machine's speed ({'1 thread' if threads else 'default threads'})"
+                      f" {speed:.0f} GFLOP/s before it, {probe(threads):.0f} after", flush=True)
+            index = {name: i for i, (_, name, _) in enumerate(sides)}
+            ran = [index[name] for name in names[:len(sides)]]
+            procs, walls = [procs[i] for i in ran], [walls[i] for i in ran]
         else:
             started = [time.perf_counter()] * 2
             procs = [_launch(code, work / f"{name}_run", args, work / f"{name}.log", ranks)
                      for code, name, ranks in sides]
             walls = _wait(procs, started)
-        names = ("before", "after", "after2")
         for i, (p, out) in enumerate(procs):
             out.close()
             if p.returncode:

@@ -385,14 +385,13 @@ class _Timer:
         one = self.once(lambda: run_fn(1))
         if one <= self.budget:
             one = self._again(one, lambda: run_fn(1))
-        k = 1
-        while k < max_units:
-            k = min(max_units, max(k + 1, int(k * min(8.0, 1.2 * self.budget / 2 / max(took - one, one / 4, 1e-6)))))
+        k, took = 1, one
+        while k < max_units and took - one < self.budget / 2:
+            unit = (took - one) / (k - 1) if k > 1 and took > one else one  # at first, the whole call's
+            k = min(max_units, 8 * k, max(k + 1, int(1 + 1.2 * self.budget / 2 / max(unit, 1e-6))))
             took = self.once(lambda: run_fn(k))
-            if took - one >= self.budget / 2 or k >= max_units:
-                if took <= self.budget:
-                    took = self._again(took, lambda: run_fn(k))
-                break
+        if k > 1 and took <= self.budget:
+            took = self._again(took, lambda: run_fn(k))
         if k >= max_units or took <= one:  # the whole work, or units too cheap to tell from the call's cost
             return took / k
         return (took - one) / (k - 1)
